@@ -1,0 +1,82 @@
+"""Adaptations and mixing: which experts, with which weights, and the mixed z' they give.
+
+Contract:
+- `Adaptation` is a frozen, hashable description of the weights a request runs under: the base weights
+  (no experts) or a mix of named experts with weights α normalised to sum 1 (the rescale c makes the scale of
+  z' irrelevant, so normalising loses nothing and gives one canonical key per distinct W'). Its `key` is the
+  scheduler's grouping key, the patch-cache key and the prefix-cache salt.
+- `mix_z` computes z' = Σ_k α_k z_k per matrix (z after the sigmoid, as the paper describes). A matrix an
+  expert does not cover counts as z_k = 1 for it (that expert leaves the matrix as it is). Matrices no expert
+  covers are absent from the result: they keep the base weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from experts.errors import ExpertNotFound
+from experts.expert import Expert
+
+_DIGITS = 6
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """Experts and their normalised weights, sorted by name; empty = the base weights."""
+
+    mix: tuple[tuple[str, float], ...] = ()
+
+    @classmethod
+    def of(cls, weights: Mapping[str, float] | None) -> "Adaptation":
+        """Build from {expert: weight ≥ 0}; zero weights are dropped, the rest normalised to sum 1."""
+        items = {k: float(v) for k, v in (weights or {}).items() if float(v) > 0}
+        total = sum(items.values())
+        if not items:
+            return BASE
+        return cls(tuple(sorted((k, round(v / total, _DIGITS)) for k, v in items.items())))
+
+    @property
+    def is_base(self) -> bool:
+        return not self.mix
+
+    @property
+    def experts(self) -> tuple[str, ...]:
+        return tuple(k for k, _ in self.mix)
+
+    @property
+    def key(self) -> str:
+        if self.is_base:
+            return "base"
+        if len(self.mix) == 1:
+            return self.mix[0][0]
+        return "+".join(f"{k}*{w:g}" for k, w in self.mix)
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.mix)
+
+
+BASE = Adaptation()
+
+
+def mix_z(experts: Mapping[str, Expert], adaptation: Adaptation) -> dict[str, torch.Tensor]:
+    """z'[name] = Σ α_k z_k[name] (fp32) over every matrix covered by at least one expert of the mix."""
+    chosen = []
+    for name, alpha in adaptation.mix:
+        if name not in experts:
+            raise ExpertNotFound(f"expert {name!r} is not loaded")
+        chosen.append((experts[name], alpha))
+    names = sorted({n for e, _ in chosen for n in e.z})
+    out: dict[str, torch.Tensor] = {}
+    for n in names:
+        z = None
+        for e, alpha in chosen:
+            term = alpha * e.z[n] if n in e.z else None
+            if term is None:
+                continue
+            z = term if z is None else z + term
+        missing = sum(alpha for e, alpha in chosen if n not in e.z)  # those experts contribute z_k = 1
+        out[n] = z + missing if missing else z  # [rank]
+    return out

@@ -1,0 +1,1 @@
+"""server: the two-pass OpenAI-compatible server (API, serving logic, scheduler, engines)."""

@@ -1,0 +1,1 @@
+"""The HTTP layer: protocol models and the FastAPI app."""

@@ -1,0 +1,212 @@
+"""The `t2` command line: serve, decompose, import-expert, experts (list / inspect / create).
+
+Contract: `t2 serve`'s flags are generated from the fields of ServerConfig (server/config.py), each with its
+environment variable T2_<FIELD>; the other commands work on files only (no server needed) and print
+errors as one line, with exit code 1.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import logging
+import sys
+import typing
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from experts.errors import ExpertError
+from server.config import ENV_PREFIX, ServerConfig
+
+app = typer.Typer(help="Transformer² server: self-adaptive LLMs behind an OpenAI-compatible API.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+experts_app = typer.Typer(help="List, inspect and create expert files.", no_args_is_help=True)
+app.add_typer(experts_app, name="experts")
+
+
+def _cli_type(annotation: object) -> object:
+    """Map a config field's type to one typer understands (Literal/Enum → str, Optional[X] → X)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return Optional[_cli_type(args[0])]
+    if origin is typing.Literal or (inspect.isclass(annotation) and issubclass(annotation, enum.Enum)):
+        return str
+    return annotation
+
+
+def _config_command(fn):
+    """Give `fn(**fields)` one typer option per ServerConfig field, with its env var and help."""
+    params = []
+    for name, field in ServerConfig.model_fields.items():
+        default = field.default.value if isinstance(field.default, enum.Enum) else field.default
+        choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else ()
+        if inspect.isclass(field.annotation) and issubclass(field.annotation, enum.Enum):
+            choices = tuple(m.value for m in field.annotation)
+        help_ = (field.description or "") + (f" [{'|'.join(map(str, choices))}]" if choices else "")
+        flag = "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            flag = f"{flag}/--no-{name.replace('_', '-')}"
+        opt = typer.Option(default, flag, envvar=ENV_PREFIX + name.upper(), help=help_, show_envvar=True)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt,
+                                        annotation=_cli_type(field.annotation)))
+    fn.__signature__ = inspect.Signature(params)
+    return fn
+
+
+def _fail(e: Exception) -> typing.NoReturn:
+    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+@_config_command
+def serve(**fields) -> None:
+    """Start the OpenAI-compatible server (default: the embedded SmolLM2-135M-Instruct on this machine)."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    try:
+        config = ServerConfig(**{k: v for k, v in fields.items()})
+    except ValidationError as e:
+        _fail(e)
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.api.app import create_app
+    try:
+        application = create_app(config)
+    except (ExpertError, OSError, RuntimeError) as e:
+        _fail(e)
+    uvicorn.run(application, host=config.host, port=config.port, log_level=config.log_level)
+
+
+def _model_dir(model: Optional[Path], cache_dir: Optional[Path]) -> Path:
+    if model is not None:
+        return model
+    from server.default_model import default_cache_dir, ensure_default_model
+    return ensure_default_model(cache_dir or default_cache_dir())
+
+
+def _targets(attention: bool) -> tuple[str, ...]:
+    from experts.svd import ATTENTION_TARGETS, MLP_TARGETS
+    return MLP_TARGETS + (ATTENTION_TARGETS if attention else ())
+
+
+@app.command()
+def decompose(model: Optional[Path] = typer.Option(None, help="HF model folder (default: the embedded model)."),
+              attention: bool = typer.Option(False, help="Also the attention projections."),
+              cache_dir: Optional[Path] = typer.Option(None, envvar="T2_CACHE_DIR"),
+              device: str = typer.Option("cpu", help="Where to run the SVD (cpu, cuda).")) -> None:
+    """Compute (or verify) the cached SVD factors of a model, as `serve` would at start."""
+    from server.default_model import default_cache_dir
+    from experts.svd import load_factors
+    logging.basicConfig(level="INFO", format="%(message)s")
+    cache = cache_dir or default_cache_dir()
+    model_dir = _model_dir(model, cache)
+    try:
+        factors, fp = load_factors(model_dir, cache / "factors" / model_dir.name, _targets(attention), device=device)
+    except ExpertError as e:
+        _fail(e)
+    typer.echo(f"{len(factors)} matrices, fingerprint {fp}, cache {cache / 'factors' / model_dir.name}")
+
+
+def _save_checked(expert, model_dir: Path, out: Path, attention: bool) -> None:
+    from experts.svd import model_fingerprint, model_ranks
+    fp = model_fingerprint(model_dir)
+    expert.base_model, expert.base_fingerprint = expert.base_model or model_dir.name, fp
+    expert.check_against(model_ranks(model_dir, _targets(attention)), fp, model_dir.name)
+    path = expert.save(out / f"{expert.name}.safetensors")
+    typer.echo(f"wrote {path} ({len(expert.z)} matrices, {expert.num_params} values)")
+
+
+@app.command("import-expert")
+def import_expert(path: Path = typer.Argument(..., help="policy_params.pt or learnable_params.pt"),
+                  name: str = typer.Option(..., help="Expert name (the file's stem)."),
+                  label: str = typer.Option("", help="math | code | reasoning | classifier | ..."),
+                  description: str = typer.Option(""),
+                  model: Optional[Path] = typer.Option(None, help="Base model folder (default: embedded)."),
+                  out: Path = typer.Option(Path("."), help="Folder to write <name>.safetensors into."),
+                  attention: bool = typer.Option(False)) -> None:
+    """Convert an expert of the reference implementation (SakanaAI/self-adaptive-llms) to our format."""
+    from experts.expert import import_reference
+    from experts.svd import checkpoint_names
+    try:
+        model_dir = _model_dir(model, None)
+        e = import_reference(path, checkpoint_names(model_dir), name, label=label, description=description)
+        _save_checked(e, model_dir, out, attention)
+    except ExpertError as e:
+        _fail(e)
+
+
+@experts_app.command("create")
+def create(name: str = typer.Argument(..., help="Expert name (the file's stem)."),
+           label: str = typer.Option("", help="math | code | reasoning | classifier | ..."),
+           description: str = typer.Option(""),
+           z: Optional[Path] = typer.Option(None, help="safetensors file of HF name → z vectors."),
+           uniform: Optional[float] = typer.Option(None, help="Same z everywhere (the identity)."),
+           random: Optional[float] = typer.Option(None, help="z = 1 + RANDOM·N(0,1), for plumbing tests."),
+           seed: int = typer.Option(0),
+           model: Optional[Path] = typer.Option(None, help="Base model folder (default: embedded)."),
+           out: Path = typer.Option(Path("."), help="Folder to write <name>.safetensors into."),
+           attention: bool = typer.Option(False)) -> None:
+    """Make an expert file from given z-vectors (or a uniform / random one) for a base model."""
+    from safetensors.torch import load_file
+    from experts.expert import Expert, random_expert, uniform_expert
+    from experts.svd import model_ranks
+    if sum(x is not None for x in (z, uniform, random)) != 1:
+        _fail(ValueError("give exactly one of --z, --uniform, --random"))
+    try:
+        model_dir = _model_dir(model, None)
+        ranks = model_ranks(model_dir, _targets(attention))
+        meta = dict(label=label, description=description)
+        if z is not None:
+            e = Expert(name=name, z={k: v.float() for k, v in load_file(str(z)).items()}, **meta)
+        elif uniform is not None:
+            e = uniform_expert(name, ranks, uniform, **meta)
+        else:
+            e = random_expert(name, ranks, random, seed, **meta)
+        _save_checked(e, model_dir, out, attention)
+    except ExpertError as e:
+        _fail(e)
+
+
+@experts_app.command("list")
+def list_experts(folder: Optional[Path] = typer.Argument(None, help="Default: the embedded model's experts.")) -> None:
+    """One line per expert file: name, label, matrices, values, base model, description."""
+    from experts.expert import Expert
+    from server.default_model import default_experts_dir
+    folder = folder or default_experts_dir()
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        typer.echo(f"no experts in {folder}")
+    for f in files:
+        try:
+            e = Expert.load(f)
+            typer.echo(f"{e.name:20s} {e.label:11s} {len(e.z):4d} matrices {e.num_params:9d} values  "
+                       f"{e.base_model}  {e.description}")
+        except ExpertError as err:
+            typer.echo(f"{f.stem:20s} INVALID: {err}")
+
+
+@experts_app.command("inspect")
+def inspect_expert(path: Path) -> None:
+    """Metadata and per-matrix statistics of one expert file."""
+    from experts.expert import Expert
+    try:
+        e = Expert.load(path)
+    except ExpertError as err:
+        _fail(err)
+    typer.echo(f"name: {e.name}\nlabel: {e.label}\ndescription: {e.description}\nbase_model: {e.base_model}\n"
+               f"base_fingerprint: {e.base_fingerprint}\nmatrices: {len(e.z)}\nvalues: {e.num_params}")
+    for n, t in e.z.items():
+        typer.echo(f"  {n:45s} len {t.numel():5d}  mean {t.mean():.4f}  std {t.std():.4f}  "
+                   f"min {t.min():.4f}  max {t.max():.4f}")
+
+
+def main() -> None:  # pragma: no cover
+    app(prog_name="t2")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

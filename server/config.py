@@ -1,0 +1,54 @@
+"""The one configuration object of the server.
+
+Contract: every field of `ServerConfig` is one `t2 serve` flag (`--field-name`) and one environment
+variable (`T2_FIELD_NAME`); the CLI is generated from these fields (server/cli.py), so the three can't
+drift apart. Precedence: flag > environment > default. Values are validated here, once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from experts.dispatch import Strategy
+
+ENV_PREFIX = "T2_"
+
+
+class ServerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: Optional[Path] = Field(
+        None, description="HF model folder (safetensors). Default: the embedded SmolLM2-135M-Instruct.")
+    served_model_name: Optional[str] = Field(
+        None, description="Model id of the base in the API. Default: the folder's name.")
+    experts: Optional[Path] = Field(
+        None, description="Folder of expert .safetensors files. Default: the experts shipped for the "
+        "embedded model (none for other models).")
+    engine: Literal["hf", "vllm"] = Field("hf", description="hf (embedded transformers) or vllm.")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N (hf engine).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype: auto = float32 on CPU, bfloat16 on GPU.")
+    dispatch: Strategy = Field(
+        Strategy.PROMPT, description="Default dispatch strategy for model 'auto': prompt | classifier | none.")
+    attention: bool = Field(
+        False, description="Also decompose and adapt the attention projections (q, k, v, o).")
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    cache_dir: Optional[Path] = Field(
+        None, description="Cache of converted models and SVD factors. Default: $T2_CACHE_DIR or ~/.cache/t2.")
+    max_batch: int = Field(8, ge=1, le=256, description="Most sequences in one batch.")
+    max_wait_ms: float = Field(
+        500.0, ge=0, description="Longest a request waits while another adaptation keeps the weights.")
+    max_queue: int = Field(1024, ge=1, description="Most waiting sequences; beyond, requests get 429.")
+    patch_cache_mb: int = Field(
+        1024, ge=0, description="Memory for recently used patched weights (hot swaps are a copy).")
+    default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request sets none.")
+    max_n: int = Field(8, ge=1, description="Largest n a request may ask for.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+    def resolved_cache_dir(self) -> Path:
+        from server.default_model import default_cache_dir
+        return self.cache_dir or default_cache_dir()

@@ -1,0 +1,110 @@
+"""The Engine interface and the plain types that cross it.
+
+Contract:
+- An engine owns one base model, its tokenizer, its adaptable matrices and the experts loaded for it.
+- `generate(request)` streams `TokenChunk`s of one sequence, computed entirely under `request.adaptation`:
+  an engine never computes a token of a request under another adaptation (the scheduler's invariant).
+- `score_labels(request)` is the dispatch pass: it returns, for each candidate continuation, its score,
+  computed under `request.adaptation` in about one prefill (constrained, never free sampling).
+- `apply(adaptation)` makes the weights those of an adaptation (tests and benchmarks; serving lets the
+  engine's scheduler call it between batches).
+- All blocking model work runs off the event loop (a worker thread or another process).
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from experts.expert import Expert
+from experts.mix import Adaptation
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class RequestStats:
+    """Filled in by the engine while it serves a request; read by serving for the `t2` report."""
+
+    created: float = field(default_factory=time.perf_counter)
+    started: float | None = None          # when its batch started (after the wait and the patch)
+    patch_ms: float = 0.0                 # the swap its batch needed (0: the weights were already right)
+    patch_how: str = "noop"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def queue_ms(self) -> float:
+        return ((self.started or self.created) - self.created) * 1e3
+
+
+@dataclass
+class GenerateRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adaptation: Adaptation
+    stats: RequestStats = field(default_factory=RequestStats)
+
+
+@dataclass
+class ScoreRequest:
+    request_id: str
+    prompt_ids: list[int]
+    candidates: list[list[int]]   # full token ids of each candidate continuation
+    adaptation: Adaptation
+    stats: RequestStats = field(default_factory=RequestStats)
+
+
+@dataclass(frozen=True)
+class LabelScores:
+    best: int                     # index of the chosen candidate
+    probs: tuple[float, ...]      # the model's probability of each candidate's first token, renormalised
+    forward_tokens: int           # tokens computed by the pass (the first pass's usage)
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    text: str                     # new text since the previous chunk (may be "" while bytes are pending)
+    token_ids: tuple[int, ...]
+    finish_reason: str | None = None   # "stop" | "length" | "abort" on the last chunk
+
+
+class Engine(abc.ABC):
+    model_name: str
+    tokenizer: Any                 # a transformers tokenizer with a chat template
+    experts: dict[str, Expert]     # name → expert, checked against this engine's base weights
+    max_model_len: int             # prompt + answer tokens
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def stop(self) -> None: ...
+
+    @abc.abstractmethod
+    def generate(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]: ...
+
+    @abc.abstractmethod
+    async def score_labels(self, request: ScoreRequest) -> LabelScores: ...
+
+    @abc.abstractmethod
+    async def apply(self, adaptation: Adaptation) -> float:
+        """Patch the weights to `adaptation` now; returns the milliseconds it took."""
+
+    @abc.abstractmethod
+    def health(self) -> dict[str, Any]: ...

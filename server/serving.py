@@ -1,0 +1,347 @@
+"""Serving: the two passes of every request, between the API models and the engine.
+
+Contract, per chat or completion request:
+  0. check the request (fields we don't implement, lengths, n, max_tokens) and tokenize its prompt;
+  1. dispatch: decide the adaptation. explicit → the named mix; none → base; prompt → the first pass scores
+     the labels on the base weights; classifier → the same with the classification expert patched in.
+     The label maps to an expert (or the base weights for `other`);
+  2. schedule + 3. generate: submit n sequences under that adaptation to the engine (its scheduler groups
+     them with other requests of the same adaptation, patches between groups) and stream the answer back
+     as OpenAI JSON or SSE chunks (one token per chunk), with `usage` and the `t2` report (what the dispatch
+     decided, first-pass and patch times) in the body or the last chunk.
+Every user error is raised as a ServerError (OpenAI-shaped 4xx by the API layer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Sequence
+
+from experts.dispatch import (ANSWER_PREFIX, CLASSIFIER_LABEL, LABEL_SUFFIX, LABELS, Strategy,
+                              classification_messages, experts_by_label, route)
+from experts.mix import BASE, Adaptation
+from server.api import protocol as P
+from server.config import ServerConfig
+from server.engines.base import Engine, GenerateRequest, SamplingParams, ScoreRequest, TokenChunk
+from server.errors import InvalidRequest, ModelNotFound, ServerError
+
+AUTO = "auto"
+MAX_STOP = 16
+
+
+@dataclass
+class Dispatched:
+    """The outcome of step 1."""
+
+    strategy: Strategy
+    adaptation: Adaptation
+    label: str | None = None
+    label_probs: dict[str, float] | None = None
+    first_pass_ms: float = 0.0
+    tokens: int = 0
+
+
+@dataclass
+class Prepared:
+    """A checked request, ready for the two passes."""
+
+    prompt_ids: list[int]
+    question: str
+    params: list[SamplingParams]          # one per choice (n)
+    strategy: Strategy
+    explicit: Adaptation | None
+    stream: bool
+    include_usage: bool
+
+
+class Serving:
+    def __init__(self, engine: Engine, config: ServerConfig):
+        self.engine, self.config = engine, config
+
+    # ---- catalogue ----------------------------------------------------------------------------------
+    @property
+    def base(self) -> str:
+        return self.engine.model_name
+
+    def models(self) -> P.ModelList:
+        cards = [P.ModelCard(id=self.base, t2={"kind": "base"}),
+                 P.ModelCard(id=AUTO, t2={"kind": "auto", "dispatch": self.config.dispatch.value})]
+        for name, e in sorted(self.engine.experts.items()):
+            cards.append(P.ModelCard(id=f"{self.base}:{name}", t2={
+                "kind": "expert", "label": e.label, "description": e.description, "params": e.num_params}))
+        return P.ModelList(data=cards)
+
+    def _by_label(self) -> dict[str, str]:
+        return experts_by_label({n: e.label for n, e in self.engine.experts.items() if e.label in LABELS})
+
+    def _classifier(self) -> str | None:
+        return experts_by_label({n: e.label for n, e in self.engine.experts.items()}).get(CLASSIFIER_LABEL)
+
+    # ---- step 0: check -------------------------------------------------------------------------------
+    def _resolve(self, model: str, t2: P.T2RequestOptions | None) -> tuple[Strategy, Adaptation | None]:
+        """model id + `t2` extension → (strategy, explicit adaptation or None)."""
+        asked = t2.dispatch if t2 else None
+        explicit: Adaptation | None = None
+        if model == AUTO:
+            strategy = asked or self.config.dispatch
+        elif model == self.base:
+            strategy = asked or Strategy.NONE
+        elif model.startswith(self.base + ":") and model[len(self.base) + 1:] in self.engine.experts:
+            strategy, explicit = Strategy.EXPLICIT, Adaptation.of({model[len(self.base) + 1:]: 1.0})
+            if asked not in (None, Strategy.EXPLICIT):
+                raise InvalidRequest(f"model {model!r} names an expert, which conflicts with "
+                                     f"t2.dispatch={asked.value!r}", "t2.dispatch")
+        else:
+            raise ModelNotFound(f"The model {model!r} does not exist. See GET /v1/models.", "model")
+        if t2 and t2.experts is not None:
+            if asked not in (None, Strategy.EXPLICIT) or explicit is not None:
+                raise InvalidRequest("t2.experts gives an explicit mix: use it with model "
+                                     f"{AUTO!r} or {self.base!r} and no other dispatch", "t2.experts")
+            unknown = sorted(set(t2.experts) - set(self.engine.experts))
+            if unknown:
+                raise InvalidRequest(f"unknown expert(s) {unknown}; loaded: {sorted(self.engine.experts)}",
+                                     "t2.experts")
+            if any(w < 0 or w != w or w == float("inf") for w in t2.experts.values()) \
+                    or sum(t2.experts.values()) <= 0:
+                raise InvalidRequest("t2.experts weights must be finite, ≥ 0, and not all 0", "t2.experts")
+            strategy, explicit = Strategy.EXPLICIT, Adaptation.of(t2.experts)
+        if strategy == Strategy.EXPLICIT and explicit is None:
+            raise InvalidRequest("dispatch 'explicit' needs t2.experts or a model id '<base>:<expert>'",
+                                 "t2.dispatch")
+        if strategy == Strategy.CLASSIFIER and self._classifier() is None:
+            raise InvalidRequest("dispatch 'classifier' needs a classification expert (label "
+                                 "'classifier'); none is loaded", "t2.dispatch")
+        return strategy, explicit
+
+    def _check_common(self, req: P.ChatCompletionRequest | P.CompletionRequest, prompt_len: int,
+                      max_tokens: int | None) -> list[SamplingParams]:
+        if req.frequency_penalty or req.presence_penalty:
+            raise InvalidRequest("frequency_penalty and presence_penalty are not supported (use 0)",
+                                 "frequency_penalty" if req.frequency_penalty else "presence_penalty")
+        if req.logprobs:
+            raise InvalidRequest("logprobs are not supported", "logprobs")
+        if req.n > self.config.max_n:
+            raise InvalidRequest(f"n must be ≤ {self.config.max_n}", "n")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > MAX_STOP:
+            raise InvalidRequest(f"at most {MAX_STOP} stop sequences", "stop")
+        if req.stream_options is not None and not req.stream:
+            raise InvalidRequest("stream_options is only allowed with stream=true", "stream_options")
+        limit = self.engine.max_model_len
+        if prompt_len >= limit:
+            raise InvalidRequest(f"This model's maximum context length is {limit} tokens; the prompt has "
+                                 f"{prompt_len}.", "messages", code="context_length_exceeded")
+        room = limit - prompt_len
+        if max_tokens is not None and max_tokens > room:
+            raise InvalidRequest(f"This model's maximum context length is {limit} tokens: the prompt has "
+                                 f"{prompt_len}, so max_tokens must be ≤ {room} (got {max_tokens}).",
+                                 "max_tokens", code="context_length_exceeded")
+        mt = max_tokens if max_tokens is not None else min(self.config.default_max_tokens, room)
+        temp = 1.0 if req.temperature is None else req.temperature
+        top_p = 1.0 if req.top_p is None else req.top_p
+        return [SamplingParams(max_tokens=mt, temperature=temp, top_p=top_p,
+                               seed=None if req.seed is None else (req.seed + i) % (2**63),
+                               stop=tuple(stop), ignore_eos=req.ignore_eos) for i in range(req.n)]
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _chat_template(self, messages: list[dict[str, str]], suffix: str = "") -> str:
+        try:
+            text = self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # a template that rejects this conversation (roles, order)
+            raise InvalidRequest(f"the chat template rejected these messages: {e}", "messages") from None
+        return text + suffix
+
+    def _prepare_chat(self, req: P.ChatCompletionRequest) -> Prepared:
+        if req.tools:
+            raise InvalidRequest("tools are not supported", "tools")
+        strategy, explicit = self._resolve(req.model, req.t2)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
+        ids = self._tokenize(self._chat_template(messages))
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        question = users[-1] if users else "\n".join(m["content"] for m in messages)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        params = self._check_common(req, len(ids), max_tokens)
+        return Prepared(ids, question, params, strategy, explicit, req.stream,
+                        bool(req.stream_options and req.stream_options.include_usage))
+
+    def _prepare_completion(self, req: P.CompletionRequest) -> Prepared:
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if len(prompts) != 1:
+            raise InvalidRequest("send one prompt per request (a list must hold exactly one string)", "prompt")
+        if req.echo or req.suffix:
+            raise InvalidRequest("echo and suffix are not supported", "echo" if req.echo else "suffix")
+        strategy, explicit = self._resolve(req.model, req.t2)
+        ids = self._tokenize(prompts[0])
+        if not ids:
+            raise InvalidRequest("the prompt is empty", "prompt")
+        params = self._check_common(req, len(ids), req.max_tokens)
+        return Prepared(ids, prompts[0], params, strategy, explicit, req.stream,
+                        bool(req.stream_options and req.stream_options.include_usage))
+
+    # ---- step 1: dispatch ----------------------------------------------------------------------------
+    def _label_request(self, question: str, adaptation: Adaptation) -> ScoreRequest:
+        prompt = self._chat_template(classification_messages(question), ANSWER_PREFIX)
+        full = [self._tokenize(prompt + label + LABEL_SUFFIX) for label in LABELS]
+        common = 0
+        while all(len(f) > common + 1 and f[common] == full[0][common] for f in full):
+            common += 1
+        return ScoreRequest(uuid.uuid4().hex, full[0][:common], [f[common:] for f in full], adaptation)
+
+    async def dispatch(self, prep: Prepared) -> Dispatched:
+        if prep.strategy == Strategy.EXPLICIT:
+            assert prep.explicit is not None
+            return Dispatched(prep.strategy, prep.explicit)
+        if prep.strategy == Strategy.NONE:
+            return Dispatched(prep.strategy, BASE)
+        t0 = time.perf_counter()
+        scorer = BASE if prep.strategy == Strategy.PROMPT else Adaptation.of({self._classifier(): 1.0})
+        sreq = await asyncio.to_thread(self._label_request, prep.question, scorer)
+        scores = await self.engine.score_labels(sreq)
+        label = LABELS[scores.best]
+        expert = route(label, self._by_label())
+        return Dispatched(prep.strategy, Adaptation.of({expert: 1.0}) if expert else BASE, label,
+                          dict(zip(LABELS, (round(p, 4) for p in scores.probs))),
+                          (time.perf_counter() - t0) * 1e3, scores.forward_tokens)
+
+    # ---- steps 2+3: generate -------------------------------------------------------------------------
+    def _requests(self, prep: Prepared, d: Dispatched) -> list[GenerateRequest]:
+        return [GenerateRequest(uuid.uuid4().hex, prep.prompt_ids, p, d.adaptation) for p in prep.params]
+
+    def _report(self, d: Dispatched, reqs: Sequence[GenerateRequest]) -> P.T2Report:
+        return P.T2Report(strategy=d.strategy, label=d.label, label_probs=d.label_probs,
+                          mix=d.adaptation.as_dict(), adaptation=d.adaptation.key,
+                          first_pass_ms=round(d.first_pass_ms, 2),
+                          patch_ms=round(max(r.stats.patch_ms for r in reqs), 3),
+                          queue_ms=round(max(r.stats.queue_ms for r in reqs), 2))
+
+    def _usage(self, prep: Prepared, d: Dispatched, reqs: Sequence[GenerateRequest]) -> P.Usage:
+        completion = sum(r.stats.completion_tokens for r in reqs)
+        return P.Usage(prompt_tokens=len(prep.prompt_ids), completion_tokens=completion,
+                       total_tokens=len(prep.prompt_ids) + completion, dispatch_tokens=d.tokens)
+
+    async def _merged(self, reqs: list[GenerateRequest]) -> AsyncIterator[tuple[int, TokenChunk]]:
+        """The n sequences' chunks as they come, tagged with the choice index."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, r: GenerateRequest) -> None:
+            try:
+                async for chunk in self.engine.generate(r):
+                    await queue.put((i, chunk))
+            except BaseException as e:  # handed to the consumer, which re-raises
+                await queue.put((i, e))
+                if isinstance(e, asyncio.CancelledError):
+                    raise
+            await queue.put((i, None))
+
+        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
+        try:
+            done = 0
+            while done < len(tasks):
+                i, item = await queue.get()
+                if item is None:
+                    done += 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def chat(self, req: P.ChatCompletionRequest) -> P.ChatCompletionResponse | AsyncIterator[str]:
+        prep = await asyncio.to_thread(self._prepare_chat, req)
+        d = await self.dispatch(prep)
+        reqs = self._requests(prep, d)
+        if prep.stream:
+            return self._chat_stream(req.model, prep, d, reqs)
+        texts, finish = [""] * len(reqs), [None] * len(reqs)
+        async for i, c in self._merged(reqs):
+            texts[i] += c.text
+            finish[i] = c.finish_reason or finish[i]
+        choices = [P.ChatChoice(index=i, message=P.ResponseMessage(content=t), finish_reason=f)
+                   for i, (t, f) in enumerate(zip(texts, finish))]
+        return P.ChatCompletionResponse(model=req.model, choices=choices, usage=self._usage(prep, d, reqs),
+                                        t2=self._report(d, reqs))
+
+    def _chat_stream(self, model: str, prep: Prepared, d: Dispatched,
+                           reqs: list[GenerateRequest]) -> AsyncIterator[str]:
+        base = dict(id=P._id("chatcmpl"), created=int(time.time()), model=model)
+
+        def chunk(choices: list[P.ChatChunkChoice], **extra: Any) -> str:
+            return _sse(P.ChatCompletionChunk(**base, choices=choices, **extra))
+
+        async def body() -> AsyncIterator[str]:
+            for i in range(len(reqs)):
+                yield chunk([P.ChatChunkChoice(index=i, delta=P.DeltaMessage(role="assistant", content=""))])
+            finished = 0
+            async for i, c in self._merged(reqs):
+                if c.finish_reason is None and not c.text:
+                    continue
+                choice = P.ChatChunkChoice(index=i, delta=P.DeltaMessage(content=c.text or None),
+                                           finish_reason=c.finish_reason)
+                finished += c.finish_reason is not None
+                last = finished == len(reqs) and not prep.include_usage
+                yield chunk([choice], t2=self._report(d, reqs) if last else None)
+            if prep.include_usage:
+                yield chunk([], usage=self._usage(prep, d, reqs), t2=self._report(d, reqs))
+            yield "data: [DONE]\n\n"
+
+        return _guard_stream(body())
+
+    async def completions(self, req: P.CompletionRequest) -> P.CompletionResponse | AsyncIterator[str]:
+        prep = await asyncio.to_thread(self._prepare_completion, req)
+        d = await self.dispatch(prep)
+        reqs = self._requests(prep, d)
+        if prep.stream:
+            return self._completion_stream(req.model, prep, d, reqs)
+        texts, finish = [""] * len(reqs), [None] * len(reqs)
+        async for i, c in self._merged(reqs):
+            texts[i] += c.text
+            finish[i] = c.finish_reason or finish[i]
+        choices = [P.CompletionChoice(index=i, text=t, finish_reason=f) for i, (t, f) in enumerate(zip(texts, finish))]
+        return P.CompletionResponse(model=req.model, choices=choices, usage=self._usage(prep, d, reqs),
+                                    t2=self._report(d, reqs))
+
+    def _completion_stream(self, model: str, prep: Prepared, d: Dispatched,
+                                 reqs: list[GenerateRequest]) -> AsyncIterator[str]:
+        base = dict(id=P._id("cmpl"), created=int(time.time()), model=model)
+
+        async def body() -> AsyncIterator[str]:
+            finished = 0
+            async for i, c in self._merged(reqs):
+                if c.finish_reason is None and not c.text:
+                    continue
+                finished += c.finish_reason is not None
+                last = finished == len(reqs) and not prep.include_usage
+                yield _sse(P.CompletionResponse(**base, choices=[P.CompletionChoice(
+                    index=i, text=c.text, finish_reason=c.finish_reason)], t2=self._report(d, reqs) if last else None))
+            if prep.include_usage:
+                yield _sse(P.CompletionResponse(**base, choices=[], usage=self._usage(prep, d, reqs),
+                                                t2=self._report(d, reqs)))
+            yield "data: [DONE]\n\n"
+
+        return _guard_stream(body())
+
+
+def _sse(model: Any) -> str:
+    return f"data: {model.model_dump_json(exclude_none=True)}\n\n"
+
+
+async def _guard_stream(body: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Once the stream has started, a failure can only be told in the stream: an OpenAI error event."""
+    try:
+        async for piece in body:
+            yield piece
+    except ServerError as e:
+        yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'param': e.param, 'code': e.code}})}\n\n"
+        yield "data: [DONE]\n\n"
+    except Exception as e:  # noqa: BLE001 - the headers are sent: report in-band, never crash
+        yield f"data: {json.dumps({'error': {'message': f'internal error: {type(e).__name__}', 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+        yield "data: [DONE]\n\n"
