@@ -16,6 +16,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import threading
 import time
@@ -109,6 +110,8 @@ class HFEngine(Engine):
         # 1. model
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype).to(self.device).eval()
         mtype = self.model.config.model_type
+        # transformers ≥ 5.2x names the KV cache argument `cache`; earlier 5.x `past_key_values`
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         if mtype not in SUPPORTED_TYPES:
             log.warning("model type %r is not one of %s; trying anyway", mtype, SUPPORTED_TYPES)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
@@ -223,7 +226,7 @@ class HFEngine(Engine):
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache | None,
                  positions: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)
+                         use_cache=cache is not None, logits_to_keep=1, **{self._cache_kw: cache})
         return out.logits[:, -1, :].float()                   # [B, vocab]
 
     def _prefill(self, seqs: list[list[int]], cache: DynamicCache | None):
