@@ -330,8 +330,12 @@ class Serving:
         return _guard_stream(body())
 
 
-def _sse(model: Any) -> str:
-    return f"data: {model.model_dump_json(exclude_none=True)}\n\n"
+def _sse(chunk: Any) -> str:
+    """One SSE event; absent fields are left out (as OpenAI does), but the `t2` report is always whole."""
+    body = chunk.model_dump(exclude_none=True)
+    if chunk.t2 is not None:
+        body["t2"] = chunk.t2.model_dump(mode="json")
+    return f"data: {json.dumps(body)}\n\n"
 
 
 async def _guard_stream(body: AsyncIterator[str]) -> AsyncIterator[str]:

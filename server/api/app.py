@@ -115,7 +115,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     # ---- routes ----
     def respond(result: Any):
         if isinstance(result, P.BaseModel):
-            return JSONResponse(result.model_dump(exclude_none=True))
+            return JSONResponse(result.model_dump(mode="json"))
         return StreamingResponse(result, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
