@@ -28,6 +28,7 @@ from experts.svd import MLP_TARGETS, target_names
 
 FORMAT = "t2-expert"
 FORMAT_VERSION = "1"
+RESERVED_NAME = "base"  # = experts.mix.BASE_NAME / experts.patch.BASE_KEY
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
@@ -47,7 +48,7 @@ class Expert:
     def save(self, path: Path) -> Path:
         path = Path(path)
         if path.suffix != ".safetensors":
-            path = path.with_suffix(".safetensors")
+            path = path.with_name(path.name + ".safetensors")
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "label": self.label,
                 "description": self.description, "base_model": self.base_model,
@@ -65,6 +66,8 @@ class Expert:
             raise ExpertFormatError(path, "expert files must be .safetensors")
         if not NAME_RE.match(path.stem):
             raise ExpertFormatError(path, "the file name (the expert's name) must be 1-64 letters, digits, '_', '-', '.'")
+        if path.stem == RESERVED_NAME:
+            raise ExpertFormatError(path, f"{RESERVED_NAME!r} is reserved for the base weights; rename the file")
         try:
             with safe_open(str(path), framework="pt") as fh:
                 meta = fh.metadata() or {}

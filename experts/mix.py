@@ -12,6 +12,7 @@ Contract:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -21,6 +22,7 @@ from experts.errors import ExpertNotFound
 from experts.expert import Expert
 
 _DIGITS = 6
+BASE_NAME = "base"   # the key of the base weights; no expert may be named so
 
 
 @dataclass(frozen=True)
@@ -31,12 +33,20 @@ class Adaptation:
 
     @classmethod
     def of(cls, weights: Mapping[str, float] | None) -> "Adaptation":
-        """Build from {expert: weight ≥ 0}; zero weights are dropped, the rest normalised to sum 1."""
-        items = {k: float(v) for k, v in (weights or {}).items() if float(v) > 0}
-        total = sum(items.values())
-        if not items:
+        """Build from {expert: weight ≥ 0}; weights that are 0 after normalising to sum 1 are dropped."""
+        items = {k: float(v) for k, v in (weights or {}).items()}
+        bad = {k: v for k, v in items.items() if not math.isfinite(v) or v < 0}
+        if bad:
+            raise ValueError(f"mixing weights must be finite and ≥ 0, got {bad}")
+        if BASE_NAME in items:
+            raise ValueError(f"{BASE_NAME!r} is reserved for the base weights, not an expert name")
+        top = max(items.values(), default=0.0)
+        if top <= 0:
             return BASE
-        return cls(tuple(sorted((k, round(v / total, _DIGITS)) for k, v in items.items())))
+        scaled = {k: v / top for k, v in items.items()}          # ≤ 1 each: the sum cannot overflow
+        total = sum(scaled.values())
+        mix = {k: round(v / total, _DIGITS) for k, v in scaled.items()}
+        return cls(tuple(sorted((k, w) for k, w in mix.items() if w > 0)))
 
     @property
     def is_base(self) -> bool:
@@ -49,7 +59,7 @@ class Adaptation:
     @property
     def key(self) -> str:
         if self.is_base:
-            return "base"
+            return BASE_NAME
         if len(self.mix) == 1:
             return self.mix[0][0]
         return "+".join(f"{k}*{w:g}" for k, w in self.mix)

@@ -23,6 +23,7 @@ import torch
 from experts.svd import Factors
 
 BASE_KEY = "base"
+UNKNOWN_KEY = "<unknown>"   # after forget(): the live weights must be rewritten by the next apply
 
 
 def svf_delta(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -128,11 +129,17 @@ class ModelPatcher:
         self._cache[key] = patched
 
     def forget(self, key: str | None = None) -> None:
-        """Drop one cached W' (an expert was unloaded) or all of them."""
+        """Drop one cached W' (an expert was unloaded or changed) or all of them.
+
+        Forgetting the live adaptation also forgets that the weights hold it: the next `apply` of that key
+        composes it again instead of being a no-op on stale weights.
+        """
         if key is None:
             self._cache.clear()
         else:
             self._cache.pop(key, None)
+        if key is None or key == self.current:
+            self.current = UNKNOWN_KEY
 
 
 def _nbytes(tensors: Mapping[str, torch.Tensor]) -> int:

