@@ -120,7 +120,7 @@ class HFEngine(Engine):
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         # 2. factors
         factors, self.fingerprint = load_factors(
-            self.model_dir, self.cache_dir / "factors" / self.model_name, self.targets, device=self.device)
+            self.model_dir, self.cache_dir / "factors" / self.model_dir.name, self.targets, device=self.device)
         # 3. matrices
         matrices = {n: SVFMatrix(n, self.model.get_parameter(n).data, f) for n, f in factors.items()}
         self.patcher = ModelPatcher(matrices, self.patch_cache_bytes)
