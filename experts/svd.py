@@ -208,3 +208,45 @@ def model_ranks(model_dir: Path, targets: Sequence[str] = MLP_TARGETS) -> dict[s
             for name in target_names(fh.keys(), targets):
                 out[name] = min(fh.get_slice(name).get_shape())
     return {n: out[n] for n in target_names(out, targets)}
+
+
+def factors_path(cache_dir: Path) -> Path:
+    """The safetensors file of a factor cache: tensors `{name}.U` [m, r], `{name}.s` [r], `{name}.Vh` [r, n]."""
+    return _cache_paths(Path(cache_dir))[1]
+
+
+def ensure_factors(model_dir: Path, cache_dir: Path, targets: Sequence[str] = MLP_TARGETS,
+                   device: str | torch.device = "cpu", progress: bool = True) -> tuple[Path, str]:
+    """Make sure the factor cache of `targets` is there and fresh, without keeping the factors in memory.
+
+    For a process that only hands the cache on (vLLM's front process: its workers read the factors they
+    need). Returns (the factors file, the fingerprint of the base weights).
+    1. fingerprint the base weights; 2. a manifest with that fingerprint and every target: done;
+    3. otherwise `load_factors` decomposes and rewrites the cache (and the factors are dropped).
+    """
+    model_dir, cache_dir = Path(model_dir), Path(cache_dir)
+    # 1. fingerprint
+    all_names = checkpoint_names(model_dir)
+    fp = fingerprint(read_weights(model_dir, target_names(all_names, CANDIDATE_TARGETS)))
+    names = target_names(all_names, targets)
+    # 2. a fresh cache
+    m = _read_manifest(cache_dir)
+    if not (m is not None and m.get("fingerprint") == fp and set(names) <= set(m.get("names", []))):
+        # 3. rebuild (load_factors says why in the log)
+        factors, fp = load_factors(model_dir, cache_dir, targets, device=device, progress=progress)
+        del factors
+    return factors_path(cache_dir), fp
+
+
+def read_factor_slice(fh, name: str, rows: tuple[int, int] | None = None,
+                      cols: tuple[int, int] | None = None) -> Factors:
+    """One matrix's factors from an open factors file (`safe_open`), sliced for one tensor-parallel rank.
+
+    rows = (start, stop) keeps W[start:stop, :] (column-parallel layers: rows of U);
+    cols = (start, stop) keeps W[:, start:stop] (row-parallel layers: columns of Vh, i.e. rows of V).
+    s is always whole: the rescale c = Σs / Σ(s ⊙ z) is over the full spectrum. Only the slice is read.
+    """
+    U, Vh = fh.get_slice(f"{name}.U"), fh.get_slice(f"{name}.Vh")
+    U = U[rows[0]:rows[1]] if rows else U[:]                  # [m_local, r]
+    Vh = Vh[:, cols[0]:cols[1]] if cols else Vh[:]            # [r, n_local]
+    return Factors(U.contiguous(), fh.get_tensor(f"{name}.s"), Vh.contiguous())
