@@ -10,7 +10,12 @@ Contract:
   * generation: left-padded prefill + decode with a KV cache, per-row sampling (greedy, temperature,
     top_p, seeded generators), stop strings, eos, max_tokens; finished or cancelled rows leave the batch.
 - Results reach the event loop through `loop.call_soon_threadsafe`; the loop never runs model code.
-- A fault in a batch fails the requests of that batch (they get the exception) and the worker goes on.
+- A fault in a batch fails the requests of that batch (they get the exception), /health reports the fault
+  until a batch succeeds again, and the worker goes on. `fault_hook` (tests only) is called before every
+  batch; whatever it raises is such a fault.
+- Runtime expert changes (`load_expert` / `unload_expert`) run as control work in the worker thread
+  between batches: the weights never change under a running batch. Unloading drops every cached patched
+  weight set containing that expert; queued requests for it fail with a 404.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import inspect
 import logging
 import threading
 import time
+from collections import deque
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
@@ -29,11 +35,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from experts.errors import ExpertNotFound
 from experts.expert import Expert
 from experts.mix import BASE, Adaptation, mix_z
-from experts.patch import ModelPatcher, SVFMatrix
+from experts.patch import UNKNOWN_KEY, ModelPatcher, SVFMatrix
 from experts.svd import load_factors
 from server.engines.base import (Engine, GenerateRequest, LabelScores, ScoreRequest, TokenChunk)
 from server.engines.detok import Detokenizer
-from server.errors import EngineUnavailable
+from server.errors import Conflict, EngineUnavailable, ModelNotFound
 from server.scheduler import GENERATE, SCORE, Batch, Job, Scheduler
 
 log = logging.getLogger("t2.engine.hf")
@@ -97,6 +103,10 @@ class HFEngine(Engine):
         self._thread: threading.Thread | None = None
         self._fault: str | None = None
         self._stopping = False
+        self.joined = 0          # sequences that joined a running batch (continuous batching)
+        self._running = 0                                     # sequences in the batch being run
+        self._control: deque[Callable[[], None]] = deque()   # work for the worker between batches
+        self.fault_hook: Callable[[Batch], None] | None = None   # tests only: raise to inject a fault
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -142,6 +152,7 @@ class HFEngine(Engine):
         return {"status": "ok" if alive and not self._fault else "error", "engine": "hf",
                 "device": str(self.device), "dtype": str(self.dtype).split(".")[-1],
                 "adaptation": self.patcher.current if alive else None, "waiting": self.scheduler.waiting(),
+                "running": self._running,
                 "swaps": self.patcher.swaps if alive else 0, "fault": self._fault}
 
     # -- the async surface -------------------------------------------------------------------------
@@ -171,6 +182,56 @@ class HFEngine(Engine):
     async def apply(self, adaptation: Adaptation) -> float:
         return (await asyncio.to_thread(self._apply, adaptation)).ms
 
+    # -- runtime experts (the admin API) ----------------------------------------------------------------
+    async def load_expert(self, path: Path) -> Expert:
+        """1. read + self-check the file (a thread); 2. check it against the base; 3. add it in the worker."""
+        e = await asyncio.to_thread(Expert.load, Path(path))
+        e.check_against(self.patcher.ranks, self.fingerprint, self.model_name)
+
+        def add() -> Expert:
+            if e.name in self.experts:
+                raise Conflict(f"expert {e.name!r} is already loaded; unload it first", "name")
+            self.experts = {**self.experts, e.name: e}   # copy-on-write: readers on other threads never
+            return e                                     # see a dict change size under them
+
+        added = await self._in_worker(add)
+        log.info("expert loaded: %s [%s] from %s", e.name, e.label, path)
+        return added
+
+    async def unload_expert(self, name: str) -> None:
+        def drop() -> None:
+            if name not in self.experts:
+                raise ModelNotFound(f"expert {name!r} is not loaded", "name")
+            self.experts = {k: v for k, v in self.experts.items() if k != name}
+            for key in set(self.patcher.cached_keys) | {self.patcher.current}:
+                if name in _experts_of_key(key):
+                    self.patcher.forget(key)    # the live key too: the next apply rewrites the weights
+
+        await self._in_worker(drop)
+        log.info("expert unloaded: %s", name)
+
+    async def _in_worker(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` in the worker thread between two batches; its result or exception comes back here."""
+        if self._thread is None or not self._thread.is_alive():
+            raise EngineUnavailable("the engine is not running")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def settle(ok: bool, value: Any) -> None:
+            if not fut.done():
+                fut.set_result(value) if ok else fut.set_exception(value)
+
+        def run() -> None:
+            try:
+                value, ok = fn(), True
+            except Exception as e:  # noqa: BLE001 - handed to the caller
+                value, ok = e, False
+            loop.call_soon_threadsafe(settle, ok, value)
+
+        self._control.append(run)
+        self.scheduler.wake()
+        return await fut
+
     def _submit(self, kind: str, request: GenerateRequest | ScoreRequest) -> Job:
         if self._thread is None or not self._thread.is_alive():
             raise EngineUnavailable("the engine is not running")
@@ -185,10 +246,21 @@ class HFEngine(Engine):
     def _worker(self) -> None:
         torch.set_grad_enabled(False)
         while not self._stopping:
+            while self._control:                     # control work: only here, between batches
+                self._control.popleft()()
             batch = self.scheduler.next_batch(timeout=0.5)
             if batch is None:
                 continue
+            missing = [n for n in batch.adaptation.experts if n not in self.experts]
+            if missing:                              # unloaded while these requests waited: their error
+                err = ModelNotFound(f"expert {missing[0]!r} was unloaded", "model")
+                for job in batch.jobs:
+                    job.sink.put(err)
+                continue
+            self._running = len(batch.jobs)
             try:
+                if self.fault_hook is not None:
+                    self.fault_hook(batch)
                 self._run_batch(batch)
                 self._fault = None
             except Exception as e:  # one bad batch fails its requests, never the server
@@ -197,6 +269,8 @@ class HFEngine(Engine):
                 err = EngineUnavailable(f"the engine failed on this request: {type(e).__name__}: {e}")
                 for job in batch.jobs:
                     job.sink.put(err)
+            finally:
+                self._running = 0
 
     def _apply(self, adaptation: Adaptation):
         return self.patcher.apply(adaptation.key, lambda: mix_z(self.experts, adaptation))
@@ -204,14 +278,11 @@ class HFEngine(Engine):
     def _run_batch(self, batch: Batch) -> None:
         report = self._apply(batch.adaptation)
         assert self.patcher.current == batch.adaptation.key   # the invariant: weights == batch adaptation
-        now = time.perf_counter()
-        for job in batch.jobs:
-            job.payload.stats.started, job.payload.stats.patch_ms = now, report.ms
-            job.payload.stats.patch_how = report.how
+        self._start(batch.jobs, report.ms, report.how)
         if batch.kind == SCORE:
             self._score(batch.jobs)
         else:
-            self._generate(batch.jobs)
+            self._generate(batch.adaptation, batch.jobs)
 
     # -- model work ----------------------------------------------------------------------------------
     def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,58 +334,136 @@ class HFEngine(Engine):
             r.stats.prompt_tokens = tokens
             job.sink.put(LabelScores(best=best, probs=tuple(p_of[t] for t in first), forward_tokens=tokens))
 
-    def _generate(self, jobs: list[Job]) -> None:
-        """Batched generation of one adaptation's requests, streaming each new piece of text."""
-        # 1. per-row state
-        reqs: list[GenerateRequest] = [j.payload for j in jobs]
-        detoks = [Detokenizer(self.tokenizer, r.params.stop) for r in reqs]
-        gens = [_generator(r.params.seed, self.device) for r in reqs]
-        counts = [0] * len(reqs)
-        for r in reqs:
-            r.stats.prompt_tokens = len(r.prompt_ids)
-        # 2. prefill
-        cache = DynamicCache()
-        logits, mask = self._prefill([r.prompt_ids for r in reqs], cache)
+    def _generate(self, adaptation: Adaptation, jobs: list[Job]) -> None:
+        """Batched generation under one adaptation, streaming each new piece of text.
+
+        Continuous batching within the adaptation: between two decode steps, first passes waiting for these
+        same weights run, and waiting requests of this adaptation join the batch (prefilled, then their KV
+        cache is merged, left-padded). Rows leave the batch as soon as they finish or are cancelled.
+        """
+        # 1. prefill the first rows
+        rows = [_Row(j, self.tokenizer, self.device) for j in jobs]
+        cache, logits, mask = self._prefill_rows(rows)
         positions = mask.sum(-1, keepdim=True) - 1                 # [B, 1] last position of each row
-        rows = list(range(len(reqs)))                              # batch row → request index
-        # 3. decode
         while rows:
+            # 2. one token per row; finished and cancelled rows leave
             next_ids, keep = [], []
-            for b, i in enumerate(rows):
-                r, job = reqs[i], jobs[i]
-                if job.cancelled:
-                    job.sink.put(TokenChunk("", (), "abort"))
-                    continue
-                tok = _sample(logits[b], r.params, gens[i])
-                counts[i] += 1
-                r.stats.completion_tokens = counts[i]
-                finish = None
-                if tok in self.eos_ids and not r.params.ignore_eos:
-                    text, finish, ids = detoks[i].flush(), "stop", ()
-                else:
-                    text, stopped = detoks[i].push(tok)
-                    ids = (tok,)
-                    if stopped:
-                        finish = "stop"
-                    elif counts[i] >= r.params.max_tokens:
-                        text, finish = text + detoks[i].flush(), "length"
-                job.sink.put(TokenChunk(text, ids, finish))
-                if finish is None:
+            for b, row in enumerate(rows):
+                tok = row.step(logits[b], self.eos_ids)
+                if tok is not None:
                     keep.append(b)
                     next_ids.append(tok)
-            if not keep:
-                break
-            # 3a. drop finished rows from the batch and the cache
             if len(keep) < len(rows):
-                idx = torch.tensor(keep, device=self.device)
+                idx = torch.tensor(keep, dtype=torch.long, device=self.device)
                 cache.batch_select_indices(idx)
-                mask, positions = mask[idx], positions[idx]
-                rows = [rows[b] for b in keep]
-            # 3b. one decode step for the rows still running
-            ids = torch.tensor(next_ids, device=self.device).unsqueeze(1)        # [B, 1]
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)   # [B, T+1]
-            positions = positions + 1
-            logits = self._forward(ids, mask, cache, positions)
+                mask, positions, rows = mask[idx], positions[idx], [rows[b] for b in keep]
+            # 3. between steps, under the same weights: waiting first passes, then newcomers
+            score_jobs = self.scheduler.take_more(adaptation, SCORE, self.scheduler.max_batch)
+            if score_jobs:
+                self._start(score_jobs, 0.0, "noop")
+                self._score(score_jobs)
+            joiners = []
+            if self._can_join(cache):
+                joiners = self.scheduler.take_more(adaptation, GENERATE, self.scheduler.max_batch - len(rows))
+            if not rows and not joiners:
+                return
+            # 4. one decode step for the rows still running
+            if rows:
+                ids = torch.tensor(next_ids, device=self.device).unsqueeze(1)         # [B, 1]
+                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)    # [B, T+1]
+                positions = positions + 1
+                logits = self._forward(ids, mask, cache, positions)
+            # 5. newcomers: prefill, then merge into the running batch
+            if joiners:
+                self._start(joiners, 0.0, "noop")
+                new = [_Row(j, self.tokenizer, self.device) for j in joiners]
+                self.joined += len(new)
+                c2, l2, m2 = self._prefill_rows(new)
+                p2 = m2.sum(-1, keepdim=True) - 1
+                if rows:
+                    cache, mask = _merge_caches(cache, mask, c2, m2)
+                    logits, positions = torch.cat([logits, l2]), torch.cat([positions, p2])
+                else:
+                    cache, logits, mask, positions = c2, l2, m2, p2
+                rows += new
+
+    def _prefill_rows(self, rows: list["_Row"]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        cache = DynamicCache()
+        logits, mask = self._prefill([r.req.prompt_ids for r in rows], cache)
+        return cache, logits, mask
+
+    @staticmethod
+    def _can_join(cache: DynamicCache) -> bool:
+        """Merging needs plain per-layer key/value tensors (not sliding-window or quantized layers)."""
+        return all(type(layer).__name__ == "DynamicLayer" and isinstance(getattr(layer, "keys", None), torch.Tensor)
+                   for layer in getattr(cache, "layers", [None]))
+
+    def _start(self, jobs: list[Job], patch_ms: float, how: str) -> None:
+        now = time.perf_counter()
+        for job in jobs:
+            job.payload.stats.started, job.payload.stats.patch_ms = now, patch_ms
+            job.payload.stats.patch_how = how
+
+
+class _Row:
+    """One sequence of a generation batch: its job, detokenizer, sampler and token count."""
+
+    def __init__(self, job: Job, tokenizer: Any, device: torch.device):
+        self.job, self.req = job, job.payload
+        self.detok = Detokenizer(tokenizer, self.req.params.stop)
+        self.gen = _generator(self.req.params.seed, device)
+        self.count = 0
+        self.req.stats.prompt_tokens = len(self.req.prompt_ids)
+
+    def step(self, logits: torch.Tensor, eos_ids: set[int]) -> int | None:
+        """Sample one token from `logits` [vocab] and stream it; None when the row is finished."""
+        if self.job.cancelled:
+            self.job.sink.put(TokenChunk("", (), "abort"))
+            return None
+        p = self.req.params
+        tok = _sample(logits, p, self.gen)
+        self.count += 1
+        self.req.stats.completion_tokens = self.count
+        finish, ids = None, (tok,)
+        if tok in eos_ids and not p.ignore_eos:
+            text, finish, ids = self.detok.flush(), "stop", ()
+        else:
+            text, stopped = self.detok.push(tok)
+            if stopped:
+                finish = "stop"
+            elif self.count >= p.max_tokens:
+                text, finish = text + self.detok.flush(), "length"
+        self.job.sink.put(TokenChunk(text, ids, finish))
+        return tok if finish is None else None
+
+
+def _merge_caches(a: DynamicCache, mask_a: torch.Tensor, b: DynamicCache,
+                  mask_b: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
+    """Stack two batches' KV caches [B, H, T, D] along the batch, left-padding the shorter one (masked)."""
+    ta, tb = mask_a.shape[1], mask_b.shape[1]
+    pad_a, pad_b = max(0, tb - ta), max(0, ta - tb)
+    for la, lb in zip(a.layers, b.layers):
+        la.keys = torch.cat([_pad_left(la.keys, pad_a), _pad_left(lb.keys, pad_b)])
+        la.values = torch.cat([_pad_left(la.values, pad_a), _pad_left(lb.values, pad_b)])
+    mask = torch.cat([_pad_left(mask_a, pad_a), _pad_left(mask_b, pad_b)])
+    return a, mask
+
+
+def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Zeros in front of the time axis: dim 2 of [B, H, T, D], dim 1 of a mask [B, T]."""
+    if n == 0:
+        return t
+    dim = 2 if t.dim() == 4 else 1
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _experts_of_key(key: str) -> set[str]:
+    """The expert names in an adaptation key (`base`, `name`, or `a*0.5+b*0.5`; see experts.mix)."""
+    if key in ("base", UNKNOWN_KEY):
+        return set()
+    return {part.rsplit("*", 1)[0] if "*" in part else part for part in key.split("+")}
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

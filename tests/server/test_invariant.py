@@ -38,3 +38,28 @@ def test_concurrent_mixed_expert_answers_equal_serial_answers(live):
     assert concurrent == serial * 2
     assert len({a for _, a in serial}) >= 4                 # the mix really had several adaptations
     assert swaps < len(concurrent)                           # requests were grouped, not swapped one by one
+
+
+def test_requests_join_a_running_batch_of_their_adaptation_and_answer_as_if_alone(live):
+    """Continuous batching: newcomers of the running adaptation join between steps (their KV cache merged,
+    left-padded); each answer still equals the answer served alone."""
+    long_case = (PROMPTS[3], dict(model="tiny-llama:reasoning"), 150)
+    short = [(p, dict(model="tiny-llama:reasoning"), 5 + 4 * i) for i, p in enumerate(PROMPTS)]
+
+    async def main():
+        async with AsyncOpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0, timeout=300) as client:
+            serial = [await ask(client, *c) for c in [long_case] + short]
+            joined_before = live.engine.joined
+            stream = await client.chat.completions.create(
+                messages=[{"role": "user", "content": long_case[0]}], temperature=0, max_tokens=long_case[2],
+                stream=True, **long_case[1])
+            text, others = "", None
+            async for chunk in stream:
+                text += chunk.choices[0].delta.content or "" if chunk.choices else ""
+                if others is None and text:            # the long answer is running: send the others now
+                    others = asyncio.gather(*(ask(client, *c) for c in short))
+            return serial, [(text, "reasoning")] + await others, live.engine.joined - joined_before
+
+    serial, concurrent, joined = asyncio.run(main())
+    assert concurrent == serial
+    assert joined >= 1
