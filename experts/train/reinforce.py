@@ -1,0 +1,298 @@
+"""SVF training: REINFORCE over the z-vectors only, with a KL penalty to the base policy.
+
+Contract:
+- `SVFPolicy` holds one raw parameter p per adapted matrix ([rank], fp32; init 0.1 + 0.01·N(0,1) as the
+  reference) and gives z = sigmoid(p) and the patched weights W'(p) = W + Δ(z) (experts.patch.svf_delta),
+  differentiable in p. Nothing else of the model is trained.
+- `Trainer.step()` is one update (numbered in the code): 1. draw a batch; 2. roll out under the current z
+  (greedy by default, as the reference: temperature 0, one completion per prompt); 3. reward each completion
+  (+1 / −1, no baseline); 4. recompute the completion's log-probs with W'(p) through
+  `torch.func.functional_call`, so gradients flow from dW' back into p; loss = −mean(r · mean log π'(y|x))
+  + kl_coef · mean KL(π' ‖ π) per token; 5. clip the gradient norm, AdamW step.
+- Every `val_every` steps the validation accuracy is measured (greedy) and the best z so far is kept;
+  `save_expert` writes it as a regular expert file. A checkpoint (p, optimizer, step, best, log) is written
+  to the run folder each validation and a run resumes from it. The log is a JSONL file plus a PNG plot.
+- Tasks are duck-typed like experts.tasks.base.Task: `.examples`, `.messages(example)`, `.reward(text,
+  example)`.
+
+Deviations from the reference (documented for users): batch size and max new tokens default smaller (a CPU
+budget: 8 and 96 vs 256 and 512), AdamW without a schedule, and the KL term is computed on the rollout
+tokens only (the reference's default KL coefficient is 0, which is ours too).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from experts.expert import Expert
+from experts.patch import svf_delta
+from experts.svd import Factors
+
+log = logging.getLogger("t2.train")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 50
+    batch_size: int = 8
+    lr: float = 2e-3
+    kl_coef: float = 0.0
+    grad_clip: float = 1e-3
+    max_new_tokens: int = 96
+    temperature: float = 0.0           # 0 = greedy rollouts (the reference)
+    val_every: int = 10
+    val_size: int = 64
+    init_mean: float = 0.1
+    init_std: float = 0.01
+    seed: int = 0
+
+
+class SVFPolicy(torch.nn.Module):
+    """Trainable p per matrix; z = sigmoid(p); W'(p) = W + U·diag(s ⊙ (c·z − 1))·Vᵀ."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor], factors: Mapping[str, Factors], init_mean: float = 0.1,
+                 init_std: float = 0.01, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.names = list(factors)
+        self.base = {n: base[n] for n in self.names}                     # live weights, never trained
+        self.factors = dict(factors)
+        self.p = torch.nn.ParameterList(
+            [torch.nn.Parameter(init_mean + init_std * torch.randn(factors[n].rank, generator=g))
+             for n in self.names])                                        # [rank] each, fp32
+
+    def z(self) -> dict[str, torch.Tensor]:
+        return {n: torch.sigmoid(p.detach()) for n, p in zip(self.names, self.p)}
+
+    def patched(self) -> dict[str, torch.Tensor]:
+        """W'(p) per matrix, differentiable in p (fp32 delta, added to the weights in their dtype)."""
+        out = {}
+        for n, p in zip(self.names, self.p):
+            f, W = self.factors[n], self.base[n]
+            out[n] = (W.to(torch.float32) + svf_delta(f.U, f.s, f.Vh, torch.sigmoid(p))).to(W.dtype)
+        return out
+
+
+class Trainer:
+    def __init__(self, model: Any, tokenizer: Any, factors: Mapping[str, Factors], train: Any, valid: Any,
+                 config: TrainConfig, run_dir: Path, *, expert_name: str, label: str, base_model: str = "",
+                 base_fingerprint: str = ""):
+        self.model, self.tok, self.cfg = model.eval(), tokenizer, config
+        for prm in self.model.parameters():
+            prm.requires_grad_(False)
+        self.train, self.valid, self.run_dir = train, valid, Path(run_dir)
+        self.meta = dict(name=expert_name, label=label, base_model=base_model, base_fingerprint=base_fingerprint)
+        params = dict(model.named_parameters())
+        device = next(model.parameters()).device
+        self.policy = SVFPolicy({n: params[n].data for n in factors}, {n: f.to(device) for n, f in factors.items()},
+                                config.init_mean, config.init_std, config.seed).to(device)
+        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=config.lr)
+        self.rng = random.Random(config.seed)
+        self.step_no, self.best_acc, self.best_z, self.history = 0, -1.0, self.policy.z(), []
+        if self.tok.pad_token_id is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.tok.padding_side = "left"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._resume()
+
+    # -- rollouts and scoring ---------------------------------------------------------------------
+    def _prompts(self, examples: Sequence[Any], task: Any) -> list[str]:
+        return [self.tok.apply_chat_template(task.messages(e), add_generation_prompt=True, tokenize=False)
+                for e in examples]
+
+    @torch.no_grad()
+    def _generate(self, prompts: list[str], weights: Mapping[str, torch.Tensor] | None) -> tuple[Any, list[str]]:
+        """Completions under `weights` (None: base), written in place for the call and restored after."""
+        enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
+        params = dict(self.model.named_parameters())
+        saved = {n: params[n].data.clone() for n in (weights or {})}
+        try:
+            for n, w in (weights or {}).items():
+                params[n].data.copy_(w)
+            kw = dict(do_sample=self.cfg.temperature > 0, max_new_tokens=self.cfg.max_new_tokens,
+                      pad_token_id=self.tok.pad_token_id)
+            if self.cfg.temperature > 0:
+                kw["temperature"] = self.cfg.temperature
+            out = self.model.generate(**enc, **kw)
+        finally:
+            for n, w in saved.items():
+                params[n].data.copy_(w)
+        completion_ids = out[:, enc["input_ids"].shape[1]:]                # [B, new]
+        texts = self.tok.batch_decode(completion_ids, skip_special_tokens=True)
+        return (enc, completion_ids), texts
+
+    def _token_logprobs(self, enc: Any, completion_ids: torch.Tensor,
+                        weights: Mapping[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Log-probs of the completion tokens and the full log-softmax, under `weights` (None: base)."""
+        ids = torch.cat([enc["input_ids"], completion_ids], 1)                    # [B, T]
+        pad = self.tok.pad_token_id
+        comp_mask = (completion_ids != pad).long()
+        # tokens after the first eos/pad of a completion are padding: keep the first pad if it is the eos
+        first_pad = comp_mask.cumprod(1)
+        eos_slot = torch.zeros_like(first_pad)
+        eos_slot[:, 1:] = first_pad[:, :-1] - first_pad[:, 1:]
+        eos_slot[:, 0] = 1 - first_pad[:, 0]
+        comp_mask = first_pad + eos_slot.clamp_min(0)                              # [B, new]
+        mask = torch.cat([enc["attention_mask"], comp_mask], 1)                    # [B, T]
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions)
+        out = functional_call(self.model, dict(weights), args=(), kwargs=kwargs) if weights else self.model(**kwargs)
+        n_new = completion_ids.shape[1]
+        logits = out.logits[:, -n_new - 1:-1].float()                              # [B, new, vocab]
+        logp_all = torch.log_softmax(logits, -1)
+        logp = logp_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)       # [B, new]
+        return logp, logp_all, comp_mask.float()
+
+    # -- one update ------------------------------------------------------------------------------------
+    def step(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        # 1. batch
+        batch = self.rng.sample(self.train.examples, min(self.cfg.batch_size, len(self.train.examples)))
+        # 2. rollouts under the current z
+        patched = {n: w.detach() for n, w in self.policy.patched().items()}
+        (enc, comp), texts = self._generate(self._prompts(batch, self.train), patched)
+        # 3. rewards
+        r = torch.tensor([self.train.reward(t, e) for t, e in zip(texts, batch)], device=comp.device)   # [B]
+        # 4. loss with gradients through W'(p)
+        logp, logp_all, m = self._token_logprobs(enc, comp, self.policy.patched())
+        seq_logp = (logp * m).sum(1) / m.sum(1).clamp_min(1)                       # [B]
+        loss = -(r * seq_logp).mean()
+        kl = torch.zeros((), device=comp.device)
+        if self.cfg.kl_coef > 0:
+            with torch.no_grad():
+                _, base_all, _ = self._token_logprobs(enc, comp, None)
+            kl_tok = (logp_all.exp() * (logp_all - base_all)).sum(-1)            # [B, new]
+            kl = (kl_tok * m).sum() / m.sum().clamp_min(1)
+            loss = loss + self.cfg.kl_coef * kl
+        # 5. update
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.step_no += 1
+        row = {"step": self.step_no, "loss": float(loss.detach()), "reward": float(r.mean()),
+               "train_acc": float((r > 0).float().mean()), "kl": float(kl.detach()), "grad_norm": float(gnorm),
+               "seconds": round(time.perf_counter() - t0, 2)}
+        return row
+
+    @torch.no_grad()
+    def accuracy(self, task: Any, z: Mapping[str, torch.Tensor] | None = None, limit: int | None = None) -> float:
+        """Greedy accuracy on `task` under z (None: the current policy)."""
+        examples = task.examples[:limit or self.cfg.val_size]
+        weights = self.policy.patched() if z is None else self._weights_for(z)
+        weights = {n: w.detach() for n, w in weights.items()}
+        correct = 0
+        for i in range(0, len(examples), self.cfg.batch_size):
+            chunk = examples[i:i + self.cfg.batch_size]
+            _, texts = self._generate(self._prompts(chunk, task), weights)
+            correct += sum(task.reward(t, e) > 0 for t, e in zip(texts, chunk))
+        return correct / max(1, len(examples))
+
+    def _weights_for(self, z: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for n in self.policy.names:
+            f, W = self.policy.factors[n], self.policy.base[n]
+            out[n] = (W.to(torch.float32) + svf_delta(f.U, f.s, f.Vh, z[n].to(f.s.device))).to(W.dtype)
+        return out
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def fit(self, progress: bool = True) -> list[dict[str, float]]:
+        """Train until `steps`; validate every `val_every` steps (and at step 0), keep the best z."""
+        if self.step_no == 0 and not self.history:
+            base_acc = self.accuracy(self.valid)
+            self._record({"step": 0, "val_acc": base_acc})
+            self.best_acc, self.best_z = base_acc, self.policy.z()
+        bar = tqdm(total=self.cfg.steps, initial=self.step_no, desc=f"train {self.meta['name']}", disable=not progress)
+        while self.step_no < self.cfg.steps:
+            row = self.step()
+            if self.step_no % self.cfg.val_every == 0 or self.step_no == self.cfg.steps:
+                row["val_acc"] = self.accuracy(self.valid)
+                if row["val_acc"] > self.best_acc:
+                    self.best_acc, self.best_z = row["val_acc"], self.policy.z()
+                self._record(row)
+                self._checkpoint()
+            else:
+                self._record(row)
+            bar.update(1)
+            bar.set_postfix(reward=f"{row['reward']:+.2f}", val=f"{self.best_acc:.2f}")
+        bar.close()
+        self.plot()
+        return self.history
+
+    def save_expert(self, path: Path, description: str = "") -> Path:
+        e = Expert(name=self.meta["name"], z={n: t.cpu() for n, t in self.best_z.items()}, label=self.meta["label"],
+                   description=description or f"SVF/REINFORCE, best validation accuracy {self.best_acc:.3f}",
+                   base_model=self.meta["base_model"], base_fingerprint=self.meta["base_fingerprint"])
+        return e.save(path)
+
+    # -- bookkeeping ---------------------------------------------------------------------------------
+    def _record(self, row: dict[str, float]) -> None:
+        self.history.append(row)
+        with open(self.run_dir / "log.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        log.info("%s", row)
+
+    def _checkpoint(self) -> None:
+        state = {f"p.{n}": p.detach().cpu() for n, p in zip(self.policy.names, self.policy.p)}
+        state.update({f"best.{n}": z.cpu() for n, z in self.best_z.items()})
+        save_file(state, str(self.run_dir / "checkpoint.safetensors"),
+                  metadata={"step": str(self.step_no), "best_acc": str(self.best_acc),
+                            "config": json.dumps(asdict(self.cfg))})
+        torch.save(self.opt.state_dict(), self.run_dir / "optimizer.pt")
+
+    def _resume(self) -> None:
+        ckpt = self.run_dir / "checkpoint.safetensors"
+        if not ckpt.exists():
+            return
+        from safetensors import safe_open
+        with safe_open(str(ckpt), framework="pt") as fh:
+            meta = fh.metadata()
+        state = load_file(str(ckpt))
+        with torch.no_grad():
+            for n, p in zip(self.policy.names, self.policy.p):
+                p.copy_(state[f"p.{n}"])
+        self.best_z = {n: state[f"best.{n}"] for n in self.policy.names}
+        self.step_no, self.best_acc = int(meta["step"]), float(meta["best_acc"])
+        opt = self.run_dir / "optimizer.pt"
+        if opt.exists():
+            self.opt.load_state_dict(torch.load(opt, weights_only=True))
+        logf = self.run_dir / "log.jsonl"
+        if logf.exists():
+            self.history = [json.loads(line) for line in logf.read_text().splitlines() if line.strip()]
+            self.history = [h for h in self.history if h["step"] <= self.step_no]
+            logf.write_text("".join(json.dumps(h) + "\n" for h in self.history))
+        log.info("resumed %s at step %d (best validation accuracy %.3f)", self.run_dir, self.step_no, self.best_acc)
+
+    def plot(self) -> Path | None:
+        """reward and validation accuracy per step → run_dir/curve.png (skipped without matplotlib)."""
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        steps = [h["step"] for h in self.history if "reward" in h]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(steps, [h["reward"] for h in self.history if "reward" in h], label="train reward", alpha=0.6)
+        val = [(h["step"], h["val_acc"]) for h in self.history if "val_acc" in h]
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation accuracy")
+        ax.set_xlabel("step")
+        ax.set_title(f"SVF REINFORCE: {self.meta['name']}")
+        ax.legend()
+        fig.tight_layout()
+        path = self.run_dir / "curve.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path

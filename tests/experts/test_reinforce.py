@@ -1,0 +1,66 @@
+"""SVF REINFORCE on the tiny model: a short real run moves accuracy on an easy task; only z trains; resume."""
+
+import collections
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from experts.expert import Expert
+from experts.svd import load_factors, model_fingerprint
+from experts.tasks.base import Example, Task
+from experts.train.reinforce import TrainConfig, Trainer
+
+WORDS = "apple river stone cloud tiger green music paper light ocean forest garden window silver candle dragon".split()
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, tmp_path_factory):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    factors, fp = load_factors(tiny_model_dir, tmp_path_factory.mktemp("f"), progress=False)
+    prompts = [f"{a} {b}" for a in WORDS for b in WORDS[:3]]
+    # the easy task: start the answer with the first character the base model most often starts with
+    tok.padding_side = "left"
+    text = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+            for p in prompts]
+    enc = tok(text, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=1, do_sample=False, pad_token_id=tok.pad_token_id)
+    target = collections.Counter(tok.batch_decode(out[:, -1:])).most_common(1)[0][0]
+    task = Task("first-token", "test", [Example(p, target) for p in prompts], lambda t, e: t.startswith(e.answer))
+    return model, tok, factors, fp, task.split(32)
+
+
+def make(setup, run_dir, **kw):
+    model, tok, factors, fp, (train, valid) = setup
+    cfg = TrainConfig(**{**dict(steps=10, batch_size=8, lr=0.05, grad_clip=1.0, max_new_tokens=2, val_every=5,
+                                val_size=16), **kw})
+    return Trainer(model, tok, factors, train, valid, cfg, run_dir, expert_name="first", label="test",
+                   base_model="tiny-llama", base_fingerprint=fp)
+
+
+def test_short_run_moves_accuracy_and_trains_only_z(setup, tmp_path, tiny_model_dir):
+    model = setup[0]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    t = make(setup, tmp_path / "run")
+    history = t.fit(progress=False)
+    base_acc = history[0]["val_acc"]
+    assert 0 < base_acc < 1
+    assert t.best_acc > base_acc                                     # the run improved validation accuracy
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())   # the model is untouched
+    assert (tmp_path / "run" / "log.jsonl").exists() and len(history) == 11
+    e = Expert.load(t.save_expert(tmp_path / "first.safetensors"))
+    e.check_against({n: f.rank for n, f in setup[2].items()}, model_fingerprint(tiny_model_dir))
+    assert t.accuracy(t.valid, z=e.z) == t.best_acc                 # the saved z is the best one
+
+
+def test_kl_penalty_and_resume(setup, tmp_path):
+    t = make(setup, tmp_path / "run", steps=5, kl_coef=0.1)
+    t.fit(progress=False)
+    assert all(h["kl"] >= 0 for h in t.history if "kl" in h) and any(h["kl"] > 0 for h in t.history if "kl" in h)
+    p5 = [p.detach().clone() for p in t.policy.p]
+    again = make(setup, tmp_path / "run", steps=7, kl_coef=0.1)         # resumes at step 5
+    assert again.step_no == 5 and all(torch.equal(a, b.detach()) for a, b in zip(p5, again.policy.p))
+    again.fit(progress=False)
+    assert again.step_no == 7 and [h["step"] for h in again.history][-2:] == [6, 7]
