@@ -1,8 +1,8 @@
-"""The `t2` command line: serve, decompose, import-expert, experts (list / inspect / create).
+"""The `t2` command line: serve, decompose, import-expert, experts (list / inspect / create), chat, bench.
 
 Contract: `t2 serve`'s flags are generated from the fields of ServerConfig (server/config.py), each with its
-environment variable T2_<FIELD>; the other commands work on files only (no server needed) and print
-errors as one line, with exit code 1.
+environment variable T2_<FIELD>; decompose / import-expert / experts work on files only (no server needed);
+chat and bench talk to a running server (clients/). All print errors as one line, with exit code 1.
 """
 
 from __future__ import annotations
@@ -78,7 +78,30 @@ def serve(**fields) -> None:
         application = create_app(config)
     except (ExpertError, OSError, RuntimeError) as e:
         _fail(e)
-    uvicorn.run(application, host=config.host, port=config.port, log_level=config.log_level)
+    # SIGTERM / Ctrl-C: stop accepting, let in-flight requests finish (up to graceful_timeout_s), then exit
+    # (SIGTERM: exit 0 after the drain, as orchestrators expect; uvicorn alone re-raises the signal)
+    server = _DrainingServer(uvicorn.Config(application, host=config.host, port=config.port,
+                                            log_level=config.log_level,
+                                            timeout_graceful_shutdown=config.graceful_timeout_s))
+    server.run()
+
+
+def _draining_server_class():
+    import signal as _signal
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            if sig == _signal.SIGTERM:
+                self._captured_signals.remove(sig)    # a drained SIGTERM is a clean exit (code 0)
+
+    return DrainingServer
+
+
+def _DrainingServer(config):  # noqa: N802 - a lazy class (uvicorn imported only to serve)
+    return _draining_server_class()(config)
 
 
 def _model_dir(model: Optional[Path], cache_dir: Optional[Path]) -> Path:
@@ -202,6 +225,69 @@ def inspect_expert(path: Path) -> None:
     for n, t in e.z.items():
         typer.echo(f"  {n:45s} len {t.numel():5d}  mean {t.mean():.4f}  std {t.std():.4f}  "
                    f"min {t.min():.4f}  max {t.max():.4f}")
+
+
+# ---- clients (need a running server; see clients/) ----
+@app.command()
+def chat(base_url: str = typer.Option("http://127.0.0.1:8000/v1", envvar="T2_BASE_URL", help="The server's /v1 URL."),
+         api_key: Optional[str] = typer.Option(None, envvar="T2_API_KEY", help="Bearer key, if the server wants one."),
+         model: str = typer.Option("auto", help="Model id: auto, the base, or <base>:<expert>."),
+         expert: Optional[str] = typer.Option(None, help="Answer with this expert."),
+         mix: Optional[str] = typer.Option(None, help="Answer with a blend, e.g. math=0.7,code=0.3."),
+         dispatch: Optional[str] = typer.Option(None, help="prompt | classifier | none for this session."),
+         system: Optional[str] = typer.Option(None, help="A system prompt."),
+         max_tokens: int = typer.Option(256), temperature: float = typer.Option(0.7),
+         report: bool = typer.Option(True, help="Print the t2 report after each answer.")) -> None:
+    """Chat with a running server (streaming); /expert, /mix, /dispatch, /auto change the adaptation."""
+    from clients.chat import run_chat
+    from clients.t2client import T2Client, parse_mix
+    try:
+        client = T2Client(base_url, api_key, max_retries=0)
+        code = run_chat(client, model=model, system=system, max_tokens=max_tokens, temperature=temperature,
+                        expert=expert, experts=parse_mix(mix) if mix else None, dispatch=dispatch,
+                        show_report=report)
+    except ValueError as e:
+        _fail(e)
+    raise typer.Exit(code)
+
+
+@app.command()
+def bench(base_url: str = typer.Option("http://127.0.0.1:8000/v1", envvar="T2_BASE_URL", help="The server's /v1 URL."),
+          api_key: Optional[str] = typer.Option(None, envvar="T2_API_KEY"),
+          endpoint: str = typer.Option("chat", help="chat | completions"),
+          num_prompts: int = typer.Option(100, min=1),
+          request_rate: float = typer.Option(float("inf"), help="Requests per second (Poisson); inf = all at once."),
+          max_concurrency: Optional[int] = typer.Option(None, min=1, help="Most requests in flight."),
+          dataset: str = typer.Option("random", help="random | file"),
+          dataset_path: Optional[Path] = typer.Option(None, help="JSONL ('prompt' or 'text') or text lines."),
+          input_len: int = typer.Option(64, min=1, help="Random prompts: words per prompt."),
+          output_len: int = typer.Option(64, min=1, help="max_tokens per request."),
+          range_ratio: float = typer.Option(0.0, min=0.0, max=1.0, help="Lengths vary by ±this ratio."),
+          experts: str = typer.Option("auto", help="Workload mix: target=weight,... (expert name, auto, base, "
+                                      "prompt, classifier, a+b)."),
+          ignore_eos: bool = typer.Option(False, help="Generate exactly output_len tokens."),
+          temperature: float = typer.Option(0.0),
+          percentiles: str = typer.Option("50,90,99", help="Percentiles to report."),
+          seed: int = typer.Option(0),
+          result_file: Optional[Path] = typer.Option(None, help="Write the summary (and every request) as JSON.")) -> None:
+    """Load-test a running server like `vllm bench serve`: TTFT / TPOT / ITL / E2E percentiles, throughput."""
+    import asyncio
+    import json as _json
+    from clients.bench import format_summary, make_requests, parse_targets, run_bench
+    try:
+        reqs = make_requests(num_prompts, dataset=dataset, path=dataset_path, input_len=input_len,
+                             output_len=output_len, range_ratio=range_ratio, targets=parse_targets(experts), seed=seed)
+        summary = asyncio.run(run_bench(base_url, reqs, api_key=api_key, endpoint=endpoint,
+                                        request_rate=request_rate, max_concurrency=max_concurrency,
+                                        ignore_eos=ignore_eos, temperature=temperature,
+                                        percentiles=[float(p) for p in percentiles.split(",")], seed=seed))
+    except (ValueError, OSError) as e:
+        _fail(e)
+    typer.echo(format_summary(summary))
+    if result_file is not None:
+        result_file.write_text(_json.dumps(summary, indent=2))
+        typer.echo(f"wrote {result_file}")
+    raise typer.Exit(1 if summary["completed"] == 0 else 0)
 
 
 def main() -> None:  # pragma: no cover

@@ -48,6 +48,26 @@ class ServerConfig(BaseModel):
     default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request sets none.")
     max_n: int = Field(8, ge=1, description="Largest n a request may ask for.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    # ---- security ----
+    api_key: Optional[str] = Field(
+        None, description="Require 'Authorization: Bearer KEY' on /v1 (off when unset).")
+    admin_key: Optional[str] = Field(
+        None, description="Enable the admin API (/admin: load/unload experts) with this Bearer key; off when unset.")
+    admin_experts_dir: Optional[Path] = Field(
+        None, description="The only folder the admin API loads experts from. Default: the experts folder.")
+    cors_origins: str = Field(
+        "", description="Comma-separated origins allowed by CORS ('*' = any); empty = no CORS headers.")
+    # ---- limits ----
+    max_body_bytes: int = Field(2 << 20, ge=1024, description="Largest request body; beyond, 413.")
+    max_tokens_limit: int = Field(
+        4096, ge=1, description="Largest max_tokens a request may ask for; beyond, 400.")
+    max_concurrent_requests: int = Field(
+        256, ge=1, description="Most /v1 generation requests in flight; beyond, 429 with Retry-After.")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with a 429.")
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="Longest a request may take (first pass + answer); beyond, it is aborted (504).")
+    graceful_timeout_s: float = Field(
+        60.0, ge=0, description="On SIGTERM, how long in-flight requests may finish before the exit.")
 
     def resolved_cache_dir(self) -> Path:
         from server.default_model import default_cache_dir

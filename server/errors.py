@@ -29,7 +29,19 @@ class ModelNotFound(ServerError):
 
 
 class Overloaded(ServerError):
-    status, type, code = 429, "rate_limit_error", "overloaded"
+    status, type, code = 429, "rate_limit_error", "overloaded"   # sent with a Retry-After header
+
+
+class Unauthorized(ServerError):
+    status, type, code = 401, "invalid_request_error", "invalid_api_key"
+
+
+class Conflict(ServerError):
+    status, type, code = 409, "invalid_request_error", "conflict"
+
+
+class RequestTimeout(ServerError):
+    status, type, code = 504, "timeout_error", "request_timeout"
 
 
 class EngineUnavailable(ServerError):

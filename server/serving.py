@@ -10,6 +10,11 @@ Contract, per chat or completion request:
      as OpenAI JSON or SSE chunks (one token per chunk), with `usage` and the `t2` report (what the dispatch
      decided, first-pass and patch times) in the body or the last chunk.
 Every user error is raised as a ServerError (OpenAI-shaped 4xx by the API layer).
+
+Streams are *primed*: `chat`/`completions` return only once the first token is there (the role chunk goes
+out with it), so a full queue, an engine fault or a bad request before the first token is still a plain
+HTTP error (429 / 503 / 4xx), and TTFT as a client measures it is the real one. Every request, finished or
+aborted, is recorded once in the app's Metrics (when given).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import asyncio
 import json
 import time
 import uuid
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Sequence
 
@@ -28,6 +34,7 @@ from server.api import protocol as P
 from server.config import ServerConfig
 from server.engines.base import Engine, GenerateRequest, SamplingParams, ScoreRequest, TokenChunk
 from server.errors import InvalidRequest, ModelNotFound, ServerError
+from server.metrics import Metrics
 
 AUTO = "auto"
 MAX_STOP = 16
@@ -58,9 +65,18 @@ class Prepared:
     include_usage: bool
 
 
+@dataclass
+class _Track:
+    """What one request did, for the metrics: arrival, first token, finish reasons."""
+
+    t0: float
+    first: float | None = None
+    finish: list[str | None] | None = None
+
+
 class Serving:
-    def __init__(self, engine: Engine, config: ServerConfig):
-        self.engine, self.config = engine, config
+    def __init__(self, engine: Engine, config: ServerConfig, metrics: Metrics | None = None):
+        self.engine, self.config, self.metrics = engine, config, metrics
 
     # ---- catalogue ----------------------------------------------------------------------------------
     @property
@@ -136,11 +152,15 @@ class Serving:
             raise InvalidRequest(f"This model's maximum context length is {limit} tokens; the prompt has "
                                  f"{prompt_len}.", "messages", code="context_length_exceeded")
         room = limit - prompt_len
+        if max_tokens is not None and max_tokens > self.config.max_tokens_limit:
+            raise InvalidRequest(f"max_tokens must be ≤ {self.config.max_tokens_limit} on this server "
+                                 f"(got {max_tokens})", "max_tokens")
         if max_tokens is not None and max_tokens > room:
             raise InvalidRequest(f"This model's maximum context length is {limit} tokens: the prompt has "
                                  f"{prompt_len}, so max_tokens must be ≤ {room} (got {max_tokens}).",
                                  "max_tokens", code="context_length_exceeded")
-        mt = max_tokens if max_tokens is not None else min(self.config.default_max_tokens, room)
+        mt = max_tokens if max_tokens is not None else min(self.config.default_max_tokens,
+                                                           self.config.max_tokens_limit, room)
         temp = 1.0 if req.temperature is None else req.temperature
         top_p = 1.0 if req.top_p is None else req.top_p
         return [SamplingParams(max_tokens=mt, temperature=temp, top_p=top_p,
@@ -226,6 +246,37 @@ class Serving:
         return P.Usage(prompt_tokens=len(prep.prompt_ids), completion_tokens=completion,
                        total_tokens=len(prep.prompt_ids) + completion, dispatch_tokens=d.tokens)
 
+    def _first_token(self, track: _Track) -> None:
+        if track.first is None:
+            track.first = time.perf_counter()
+            if self.metrics:
+                self.metrics.first_token(track.first - track.t0)
+
+    def _record(self, track: _Track, prep: Prepared, d: Dispatched, reqs: Sequence[GenerateRequest]) -> None:
+        if self.metrics is None:
+            return
+        now = time.perf_counter()
+        self.metrics.request_done(
+            strategy=d.strategy.value, label=d.label, mix=d.adaptation.as_dict(),
+            finish=list(track.finish or [None] * len(reqs)), prompt_tokens=len(prep.prompt_ids),
+            completion_tokens=sum(r.stats.completion_tokens for r in reqs), e2e_s=now - track.t0,
+            ttft_s=None if track.first is None else track.first - track.t0, first_pass_ms=d.first_pass_ms,
+            patch_ms=max(r.stats.patch_ms for r in reqs), queue_ms=max(r.stats.queue_ms for r in reqs))
+
+    async def _collect(self, prep: Prepared, d: Dispatched, reqs: list[GenerateRequest],
+                       track: _Track) -> tuple[list[str], list[str | None]]:
+        """Non-stream: every choice's whole text and finish reason (recorded in the metrics)."""
+        texts, track.finish = [""] * len(reqs), [None] * len(reqs)
+        try:
+            async with aclosing(self._merged(reqs)) as merged:
+                async for i, c in merged:
+                    self._first_token(track)
+                    texts[i] += c.text
+                    track.finish[i] = c.finish_reason or track.finish[i]
+        finally:
+            self._record(track, prep, d, reqs)
+        return texts, track.finish
+
     async def _merged(self, reqs: list[GenerateRequest]) -> AsyncIterator[tuple[int, TokenChunk]]:
         """The n sequences' chunks as they come, tagged with the choice index."""
         queue: asyncio.Queue = asyncio.Queue()
@@ -256,78 +307,89 @@ class Serving:
                 t.cancel()
 
     async def chat(self, req: P.ChatCompletionRequest) -> P.ChatCompletionResponse | AsyncIterator[str]:
+        track = _Track(time.perf_counter())
         prep = await asyncio.to_thread(self._prepare_chat, req)
         d = await self.dispatch(prep)
         reqs = self._requests(prep, d)
         if prep.stream:
-            return self._chat_stream(req.model, prep, d, reqs)
-        texts, finish = [""] * len(reqs), [None] * len(reqs)
-        async for i, c in self._merged(reqs):
-            texts[i] += c.text
-            finish[i] = c.finish_reason or finish[i]
+            return _guard_stream(await _primed(self._chat_stream(req.model, prep, d, reqs, track)))
+        texts, finish = await self._collect(prep, d, reqs, track)
         choices = [P.ChatChoice(index=i, message=P.ResponseMessage(content=t), finish_reason=f)
                    for i, (t, f) in enumerate(zip(texts, finish))]
         return P.ChatCompletionResponse(model=req.model, choices=choices, usage=self._usage(prep, d, reqs),
                                         t2=self._report(d, reqs))
 
-    def _chat_stream(self, model: str, prep: Prepared, d: Dispatched,
-                           reqs: list[GenerateRequest]) -> AsyncIterator[str]:
+    def _chat_stream(self, model: str, prep: Prepared, d: Dispatched, reqs: list[GenerateRequest],
+                     track: _Track) -> AsyncIterator[str]:
         base = dict(id=P._id("chatcmpl"), created=int(time.time()), model=model)
 
         def chunk(choices: list[P.ChatChunkChoice], **extra: Any) -> str:
             return _sse(P.ChatCompletionChunk(**base, choices=choices, **extra))
 
         async def body() -> AsyncIterator[str]:
-            for i in range(len(reqs)):
-                yield chunk([P.ChatChunkChoice(index=i, delta=P.DeltaMessage(role="assistant", content=""))])
-            finished = 0
-            async for i, c in self._merged(reqs):
-                if c.finish_reason is None and not c.text:
-                    continue
-                choice = P.ChatChunkChoice(index=i, delta=P.DeltaMessage(content=c.text or None),
-                                           finish_reason=c.finish_reason)
-                finished += c.finish_reason is not None
-                last = finished == len(reqs) and not prep.include_usage
-                yield chunk([choice], t2=self._report(d, reqs) if last else None)
+            finished, track.finish = 0, [None] * len(reqs)
+            try:
+                async with aclosing(self._merged(reqs)) as merged:
+                    async for i, c in merged:
+                        if track.first is None:   # the role chunks go out with the first token
+                            self._first_token(track)
+                            for j in range(len(reqs)):
+                                yield chunk([P.ChatChunkChoice(index=j, delta=P.DeltaMessage(role="assistant",
+                                                                                             content=""))])
+                        if c.finish_reason is None and not c.text:
+                            continue
+                        choice = P.ChatChunkChoice(index=i, delta=P.DeltaMessage(content=c.text or None),
+                                                   finish_reason=c.finish_reason)
+                        finished += c.finish_reason is not None
+                        track.finish[i] = c.finish_reason or track.finish[i]
+                        last = finished == len(reqs) and not prep.include_usage
+                        yield chunk([choice], t2=self._report(d, reqs) if last else None)
+            finally:
+                self._record(track, prep, d, reqs)
             if prep.include_usage:
                 yield chunk([], usage=self._usage(prep, d, reqs), t2=self._report(d, reqs))
             yield "data: [DONE]\n\n"
 
-        return _guard_stream(body())
+        return body()
 
     async def completions(self, req: P.CompletionRequest) -> P.CompletionResponse | AsyncIterator[str]:
+        track = _Track(time.perf_counter())
         prep = await asyncio.to_thread(self._prepare_completion, req)
         d = await self.dispatch(prep)
         reqs = self._requests(prep, d)
         if prep.stream:
-            return self._completion_stream(req.model, prep, d, reqs)
-        texts, finish = [""] * len(reqs), [None] * len(reqs)
-        async for i, c in self._merged(reqs):
-            texts[i] += c.text
-            finish[i] = c.finish_reason or finish[i]
+            return _guard_stream(await _primed(self._completion_stream(req.model, prep, d, reqs, track)))
+        texts, finish = await self._collect(prep, d, reqs, track)
         choices = [P.CompletionChoice(index=i, text=t, finish_reason=f) for i, (t, f) in enumerate(zip(texts, finish))]
         return P.CompletionResponse(model=req.model, choices=choices, usage=self._usage(prep, d, reqs),
                                     t2=self._report(d, reqs))
 
-    def _completion_stream(self, model: str, prep: Prepared, d: Dispatched,
-                                 reqs: list[GenerateRequest]) -> AsyncIterator[str]:
+    def _completion_stream(self, model: str, prep: Prepared, d: Dispatched, reqs: list[GenerateRequest],
+                           track: _Track) -> AsyncIterator[str]:
         base = dict(id=P._id("cmpl"), created=int(time.time()), model=model)
 
         async def body() -> AsyncIterator[str]:
-            finished = 0
-            async for i, c in self._merged(reqs):
-                if c.finish_reason is None and not c.text:
-                    continue
-                finished += c.finish_reason is not None
-                last = finished == len(reqs) and not prep.include_usage
-                yield _sse(P.CompletionResponse(**base, choices=[P.CompletionChoice(
-                    index=i, text=c.text, finish_reason=c.finish_reason)], t2=self._report(d, reqs) if last else None))
+            finished, track.finish = 0, [None] * len(reqs)
+            try:
+                async with aclosing(self._merged(reqs)) as merged:
+                    async for i, c in merged:
+                        self._first_token(track)
+                        if c.finish_reason is None and not c.text:
+                            continue
+                        finished += c.finish_reason is not None
+                        track.finish[i] = c.finish_reason or track.finish[i]
+                        last = finished == len(reqs) and not prep.include_usage
+                        yield _sse(P.CompletionResponse(**base, choices=[P.CompletionChoice(
+                            index=i, text=c.text, finish_reason=c.finish_reason)],
+                            t2=self._report(d, reqs) if last else None))
+            finally:
+                self._record(track, prep, d, reqs)
             if prep.include_usage:
                 yield _sse(P.CompletionResponse(**base, choices=[], usage=self._usage(prep, d, reqs),
                                                 t2=self._report(d, reqs)))
             yield "data: [DONE]\n\n"
 
-        return _guard_stream(body())
+        return body()
 
 
 def _sse(chunk: Any) -> str:
@@ -338,11 +400,25 @@ def _sse(chunk: Any) -> str:
     return f"data: {json.dumps(body)}\n\n"
 
 
+async def _primed(body: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Wait for the stream's first piece (so errors before it are plain HTTP errors), then the whole stream."""
+    first = await body.__anext__()
+
+    async def whole() -> AsyncIterator[str]:
+        async with aclosing(body):
+            yield first
+            async for piece in body:
+                yield piece
+
+    return whole()
+
+
 async def _guard_stream(body: AsyncIterator[str]) -> AsyncIterator[str]:
     """Once the stream has started, a failure can only be told in the stream: an OpenAI error event."""
     try:
-        async for piece in body:
-            yield piece
+        async with aclosing(body):
+            async for piece in body:
+                yield piece
     except ServerError as e:
         yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'param': e.param, 'code': e.code}})}\n\n"
         yield "data: [DONE]\n\n"

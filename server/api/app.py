@@ -6,25 +6,41 @@ Contract:
 - Every error leaves as `{"error": {"message", "type", "param", "code"}}`: validation errors and bad JSON
   as 400 naming the field, our ServerErrors with their status, unknown routes 404, and anything unexpected
   as a 500 from the backstop handler (logged with its stack trace, never sent to the client).
+- Guard (an ASGI middleware, before any parsing): `/v1` needs `Authorization: Bearer <api_key>` when an API
+  key is set; `/admin` exists only when an admin key is set and needs that key (both compared in constant
+  time; a miss is an OpenAI-shaped 401); bodies over `max_body_bytes` are a 413. CORS wraps everything when
+  origins are configured. `/health` and `/metrics` are open (probes and scrapers).
+- Generation routes admit at most `max_concurrent_requests` at once (beyond: 429 + Retry-After, as for a
+  full scheduler queue), abort a request whose client disconnects (stream or not: its engine rows are
+  freed at once), and abort one that runs past `request_timeout_s` (504, or an error event in a stream).
+- Admin API: GET/POST /admin/experts, DELETE /admin/experts/{name}; POST loads `<name>.safetensors` from
+  `admin_experts_dir` only (names like expert file stems; no path, no traversal, no symlink out).
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import logging
-from contextlib import asynccontextmanager
+import time
+from contextlib import aclosing, asynccontextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from experts.errors import ExpertError, ExpertNotFound
+from experts.expert import NAME_RE, RESERVED_NAME
 from server.api import protocol as P
 from server.config import ServerConfig
 from server.engines.base import Engine
-from server.errors import ServerError
+from server.errors import InvalidRequest, ModelNotFound, Overloaded, RequestTimeout, ServerError, Unauthorized
+from server.metrics import CONTENT_TYPE, Metrics
 from server.serving import Serving
 
 log = logging.getLogger("t2.api")
@@ -73,9 +89,184 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"{param or 'body'}: {e.get('msg', 'invalid value')}{more}", param
 
 
+# ---- guard: auth and body size, before anything parses the request ----
+class _BodyTooLarge(StarletteHTTPException):
+    """Raised from `receive` when a body grows past the limit; FastAPI re-raises HTTPExceptions as they are."""
+
+
+def _bearer_ok(scope: dict, key: str) -> bool:
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key.encode())
+    return False
+
+
+class Guard:
+    """ASGI middleware: API key on /v1, admin key on /admin, body size limit, error counts for /metrics."""
+
+    def __init__(self, app, config: ServerConfig, metrics: Metrics):
+        self.app, self.config, self.metrics = app, config, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, cfg = scope["path"], self.config
+        v1 = path == "/v1" or path.startswith("/v1/")
+        denied: JSONResponse | None = None
+        # 1. who may call: /admin only with the admin key (absent without one), /v1 with the API key
+        if path == "/admin" or path.startswith("/admin/"):
+            if not cfg.admin_key:
+                denied = _error(404, "the admin API is off (no admin key is set)", "invalid_request_error",
+                                None, "not_found")
+            elif not _bearer_ok(scope, cfg.admin_key):
+                denied = _unauthorized("admin")
+        elif v1 and cfg.api_key and not _bearer_ok(scope, cfg.api_key):
+            denied = _unauthorized("API")
+        # 2. how much it may send: a declared length at once, a chunked body while it is read
+        if denied is None:
+            length = dict(scope.get("headers", ())).get(b"content-length", b"0")
+            if not length.isdigit() or int(length) > cfg.max_body_bytes:
+                denied = _error(413, f"the request body is larger than {cfg.max_body_bytes} bytes",
+                                "invalid_request_error", None, "request_too_large")
+        if v1:
+            send = self._counting(send)
+        if denied is not None:
+            return await denied(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > cfg.max_body_bytes:
+                    raise _BodyTooLarge(413, f"the request body is larger than {cfg.max_body_bytes} bytes")
+            return msg
+
+        await self.app(scope, limited, send)
+
+    def _counting(self, send):
+        async def counted(message):
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                self.metrics.error(message["status"])
+            await send(message)
+        return counted
+
+
+def _unauthorized(which: str) -> JSONResponse:
+    return _error(401, f"Incorrect or missing {which} key: send 'Authorization: Bearer <key>'.",
+                  "invalid_request_error", None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+
+
+class ClientGone(ServerError):
+    status, type, code = 499, "invalid_request_error", "client_closed_request"
+
+
+async def _disconnected(receive) -> None:
+    """Return when the client has gone (the body is already read: the next message is the disconnect)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(receive, work: Awaitable[Any]) -> Any:
+    """Await `work`, cancelling it (and so freeing its engine rows) the moment the client disconnects."""
+    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise ClientGone("the client closed the connection")
+    finally:
+        for t in (task, watcher):
+            if not t.done():
+                t.cancel()
+                with suppress(BaseException):
+                    await t
+
+
+class Admission:
+    """At most `limit` generation requests in flight; the count is exact even for aborted streams."""
+
+    def __init__(self, limit: int, retry_after: int):
+        self.limit, self.retry_after, self.in_flight = limit, retry_after, 0
+
+    def enter(self) -> Callable[[], None]:
+        if self.in_flight >= self.limit:
+            raise Overloaded(f"too many requests in flight ({self.limit}); retry later")
+        self.in_flight += 1
+        done = False
+
+        def leave() -> None:
+            nonlocal done
+            if not done:
+                done, self.in_flight = True, self.in_flight - 1
+        return leave
+
+
+async def _bounded(body: AsyncIterator[str], deadline: float, leave: Callable[[], None]) -> AsyncIterator[str]:
+    """A stream that ends with an error event at the deadline, and gives its admission slot back at its end."""
+    try:
+        async with aclosing(body):
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        piece = await body.__anext__()
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    err = RequestTimeout("the request ran past the server's request timeout")
+                    yield ('data: {"error": {"message": "%s", "type": "%s", "param": null, "code": "%s"}}\n\n'
+                           % (err.message, err.type, err.code))
+                    yield "data: [DONE]\n\n"
+                    return
+                yield piece
+    finally:
+        leave()
+
+
+class LoadExpert(BaseModel):
+    name: str = Field(description="The expert's name: loads <admin_experts_dir>/<name>.safetensors.",
+                      min_length=1, max_length=64)
+
+
+class ExpertCard(BaseModel):
+    name: str
+    label: str
+    description: str
+    params: int
+    path: str | None = None
+
+
+def _card(e) -> ExpertCard:
+    return ExpertCard(name=e.name, label=e.label, description=e.description, params=e.num_params,
+                      path=str(e.path) if e.path else None)
+
+
+def _expert_file(root: Path | None, name: str) -> Path:
+    """`<root>/<name>.safetensors`, refusing anything that is not a plain name inside root."""
+    if root is None:
+        raise InvalidRequest("no admin experts folder is configured (--admin-experts-dir)", "name")
+    if not NAME_RE.match(name) or name == RESERVED_NAME or ".." in name:
+        raise InvalidRequest("name must be an expert name (1-64 letters, digits, '_', '-', '.'), not a path",
+                             "name")
+    base = Path(root).resolve()
+    path = (base / f"{name}.safetensors").resolve()      # follows symlinks: one pointing out is refused
+    if path.parent != base:
+        raise InvalidRequest("the expert file must be inside the admin experts folder", "name")
+    if not path.is_file():
+        raise ModelNotFound(f"no file {name}.safetensors in the admin experts folder", "name")
+    return path
+
+
+_ERRORS = {s: {"model": P.ErrorResponse} for s in (400, 401, 404, 413, 429, 503, 504)}
+
+
 def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     engine = engine or make_engine(config)
-    serving = Serving(engine, config)
+    metrics = Metrics(engine)
+    serving = Serving(engine, config, metrics)
+    admission = Admission(config.max_concurrent_requests, config.retry_after_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -86,7 +277,13 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
             await engine.stop()
 
     app = FastAPI(title="Transformer² server", version="0.1.0", lifespan=lifespan)
-    app.state.engine, app.state.serving = engine, serving
+    app.state.engine, app.state.serving, app.state.metrics = engine, serving, metrics
+    app.state.admission = admission
+    app.add_middleware(Guard, config=config, metrics=metrics)
+    if config.cors_origins.strip():         # added last = outermost: preflights never meet the guard
+        origins = [o.strip() for o in config.cors_origins.split(",") if o.strip()]
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"],
+                           expose_headers=["Retry-After"])
 
     # ---- errors: one place ----
     @app.exception_handler(RequestValidationError)
@@ -96,7 +293,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
 
     @app.exception_handler(ServerError)
     async def on_server_error(_: Request, exc: ServerError):
-        return _error(exc.status, exc.message, exc.type, exc.param, exc.code)
+        headers = {"Retry-After": str(config.retry_after_s)} if exc.status == 429 else None
+        return _error(exc.status, exc.message, exc.type, exc.param, exc.code, headers)
 
     @app.exception_handler(ExpertError)
     async def on_expert_error(_: Request, exc: ExpertError):
@@ -113,21 +311,37 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
         return _error(500, f"internal server error ({type(exc).__name__})", "server_error")
 
     # ---- routes ----
-    def respond(result: Any):
+    async def generate(request: Request, work: Callable[[], Awaitable[Any]]):
+        """Admission, timeout and disconnect around one generation request; JSON or a bounded SSE stream."""
+        leave = admission.enter()
+        deadline = asyncio.get_running_loop().time() + config.request_timeout_s
+        try:
+            async with asyncio.timeout_at(deadline):
+                result = await _unless_disconnected(request.receive, work())
+        except TimeoutError:
+            leave()
+            raise RequestTimeout("the request ran past the server's request timeout "
+                                 f"({config.request_timeout_s:g} s)") from None
+        except BaseException:
+            leave()
+            raise
         if isinstance(result, P.BaseModel):
+            leave()
             return JSONResponse(result.model_dump(mode="json"))
-        return StreamingResponse(result, media_type="text/event-stream",
+        return StreamingResponse(_bounded(result, deadline, leave), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse,
-              responses={400: {"model": P.ErrorResponse}, 404: {"model": P.ErrorResponse}})
-    async def chat_completions(body: P.ChatCompletionRequest):
-        return respond(await serving.chat(body))
+    stream_doc = {"description": "JSON, or with stream=true a text/event-stream of chunks ending in [DONE]",
+                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}
 
-    @app.post("/v1/completions", response_model=P.CompletionResponse,
-              responses={400: {"model": P.ErrorResponse}, 404: {"model": P.ErrorResponse}})
-    async def completions(body: P.CompletionRequest):
-        return respond(await serving.completions(body))
+    @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse,
+              responses={200: stream_doc, **_ERRORS})
+    async def chat_completions(body: P.ChatCompletionRequest, request: Request):
+        return await generate(request, lambda: serving.chat(body))
+
+    @app.post("/v1/completions", response_model=P.CompletionResponse, responses={200: stream_doc, **_ERRORS})
+    async def completions(body: P.CompletionRequest, request: Request):
+        return await generate(request, lambda: serving.completions(body))
 
     @app.get("/v1/models", response_model=P.ModelList)
     async def models():
@@ -144,7 +358,52 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        h = engine.health()
+        h = {**engine.health(), "in_flight": admission.in_flight}
         return JSONResponse(h, status_code=200 if h.get("status") == "ok" else 503)
 
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}}}})
+    async def metrics_route():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    # ---- admin API (the Guard answers 404 for all of it unless an admin key is set) ----
+    admin_dir = config.admin_experts_dir or getattr(engine, "experts_dir", None) or config.experts
+
+    @app.get("/admin/experts", response_model=list[ExpertCard], responses=_ERRORS, tags=["admin"])
+    async def admin_list():
+        return [_card(e) for _, e in sorted(engine.experts.items())]
+
+    @app.post("/admin/experts", response_model=ExpertCard, status_code=201,
+              responses={**_ERRORS, 409: {"model": P.ErrorResponse}}, tags=["admin"])
+    async def admin_load(body: LoadExpert):
+        path = await asyncio.to_thread(_expert_file, admin_dir, body.name)
+        return _card(await engine.load_expert(path))
+
+    @app.delete("/admin/experts/{name}", responses=_ERRORS, tags=["admin"])
+    async def admin_unload(name: str):
+        if name not in engine.experts:
+            raise ModelNotFound(f"expert {name!r} is not loaded", "name")
+        await engine.unload_expert(name)
+        return {"deleted": name}
+
+    app.openapi_schema = None
+    _document_security(app, config)
     return app
+
+
+def _document_security(app: FastAPI, config: ServerConfig) -> None:
+    """Declare the Bearer keys in the OpenAPI schema (the Guard enforces them)."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            for path, ops in schema.get("paths", {}).items():
+                if (path.startswith("/v1") and config.api_key) or path.startswith("/admin"):
+                    for op in ops.values():
+                        op["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi

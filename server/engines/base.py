@@ -9,6 +9,11 @@ Contract:
 - `apply(adaptation)` makes the weights those of an adaptation (tests and benchmarks; serving lets the
   engine's scheduler call it between batches).
 - All blocking model work runs off the event loop (a worker thread or another process).
+- `load_expert(path)` / `unload_expert(name)` change the loaded experts at runtime (the admin API). They are
+  optional: the defaults raise EngineUnavailable("not supported by this engine"). An engine that supports
+  them validates a file exactly as at startup, and makes the change between batches, never under one.
+- `health()` returns at least `status` ("ok" | "error"), and where the engine knows them `running` and
+  `waiting` (sequences), `swaps` and `fault`; /health and /metrics read them.
 """
 
 from __future__ import annotations
@@ -18,8 +23,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
+from pathlib import Path
+
 from experts.expert import Expert
 from experts.mix import Adaptation
+from server.errors import EngineUnavailable
 
 
 @dataclass(frozen=True)
@@ -108,3 +116,11 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def health(self) -> dict[str, Any]: ...
+
+    async def load_expert(self, path: Path) -> Expert:
+        """Load and check one expert file (as at startup) and make it servable; returns it."""
+        raise EngineUnavailable("loading experts at runtime is not supported by this engine")
+
+    async def unload_expert(self, name: str) -> None:
+        """Stop serving an expert; requests already waiting for it fail with a 404."""
+        raise EngineUnavailable("unloading experts at runtime is not supported by this engine")

@@ -346,6 +346,7 @@ class HFEngine(Engine):
         cache, logits, mask = self._prefill_rows(rows)
         positions = mask.sum(-1, keepdim=True) - 1                 # [B, 1] last position of each row
         while rows:
+            self._running = len(rows)                             # /health, vllm:num_requests_running
             # 2. one token per row; finished and cancelled rows leave
             next_ids, keep = [], []
             for b, row in enumerate(rows):
