@@ -37,6 +37,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 from vllm import SamplingParams as VSamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -187,8 +188,9 @@ class VLLMEngine(Engine):
                 async for out in self.llm.generate(prompt, params, rid):
                     finished = out.finished
                     yield out
-            except (ValueError, TypeError) as e:          # vLLM refused the parameters: the user's error
-                raise InvalidRequest(f"vLLM rejected the request: {e}") from None
+            except (VLLMClientError, ValueError, TypeError) as e:   # vLLM refused the request: the user's error
+                code = "context_length_exceeded" if "context length" in str(e) else None
+                raise InvalidRequest(f"vLLM rejected the request: {e}", code=code) from None
             finally:
                 if not finished and self.llm is not None:
                     await self.llm.abort(rid)

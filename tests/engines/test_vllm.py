@@ -27,7 +27,7 @@ from tests.conftest import make_experts, serve  # noqa: E402
 MSG = [{"role": "user", "content": "What is 17 + 25?"}]
 # longer than a KV block: prefix-cache entries of one adaptation must never serve another
 LONG = ("Explain in detail why the sky is blue, what the sun does, how air scatters light, and why sunsets are "
-        "red, as a teacher would to a class of students who ask many good questions. ") * 6
+        "red, as a teacher would to a class of students who ask many good questions. ") * 2
 PROMPTS = ["Hi", "What is 17 + 25?", "Write a function that sorts a list of numbers in Python, please.", LONG]
 
 
@@ -109,6 +109,10 @@ def test_unknown_expert_is_an_openai_error_and_not_a_crash(vllm_live):
     with httpx.Client(base_url=vllm_live.url, timeout=60) as http:
         r = http.post("/v1/chat/completions", json={"model": "auto", "messages": MSG, "t2": {"experts": {"nope": 1}}})
         assert r.status_code == 400 and r.json()["error"]["param"] == "t2.experts"
+        # a first pass longer than the model's context: vLLM refuses it, we answer an OpenAI 400, not a 500
+        r = http.post("/v1/chat/completions", json={"model": "auto", "messages": [
+            {"role": "user", "content": "word " * 150}], "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
         assert http.get("/health").json()["status"] == "ok"
 
 
