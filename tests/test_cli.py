@@ -77,3 +77,28 @@ def test_import_reference_expert(tiny_model_dir, tmp_path):
         assert torch.allclose(e.z[n], torch.sigmoid(p[f"learnable_params_module_list.{i}"]))
     code, out = run("import-expert", tmp_path / "nothing.pt", "--name", "x", "--model", tiny_model_dir)
     assert code == 1 and "nothing.pt" in out
+
+
+def test_train_and_fewshot_commands_end_to_end(tiny_model_dir, tmp_path):
+    """`t2 train` on a generated GSM8K-format file, then `t2 fewshot` over the result: files, logs, profile."""
+    from experts.tasks.generate import write
+    write("arithmetic", tmp_path / "math.jsonl", 12, seed=0)
+    code, out = run("train", "m1", "--task", "gsm8k", "--data", tmp_path / "math.jsonl", "--label", "math",
+                    "--model", tiny_model_dir, "--out", tmp_path / "experts", "--run-dir", tmp_path / "run",
+                    "--steps", "2", "--batch-size", "2", "--max-new-tokens", "4", "--val-every", "1",
+                    "--val-size", "2", "--valid-size", "4", "--device", "cpu")
+    assert code == 0, out
+    e = Expert.load(tmp_path / "experts" / "m1.safetensors")
+    assert e.label == "math" and e.base_fingerprint == model_fingerprint(tiny_model_dir)
+    assert (tmp_path / "run" / "recipe.json").exists()
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 3
+    from experts.expert import random_expert
+    random_expert("m2", model_ranks(tiny_model_dir), 0.3, 5, label="code",
+                  base_fingerprint=model_fingerprint(tiny_model_dir)).save(tmp_path / "experts" / "m2.safetensors")
+    code, out = run("fewshot", "prof", "--task", "gsm8k", "--data", tmp_path / "math.jsonl", "--shots", "3",
+                    "--experts", tmp_path / "experts", "--population", "3", "--iterations", "1",
+                    "--max-new-tokens", "3", "--model", tiny_model_dir, "--out", tmp_path / "experts",
+                    "--device", "cpu")
+    assert code == 0, out
+    prof = Expert.load(tmp_path / "experts" / "prof.safetensors")
+    assert prof.label == "profile" and set(prof.z) == set(model_ranks(tiny_model_dir))

@@ -28,16 +28,15 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from experts.expert import Expert
-from experts.patch import svf_delta
 from experts.svd import Factors
+from experts.train.rollout import Rollouts, patched_weights
 
 log = logging.getLogger("t2.train")
 
@@ -77,11 +76,7 @@ class SVFPolicy(torch.nn.Module):
 
     def patched(self) -> dict[str, torch.Tensor]:
         """W'(p) per matrix, differentiable in p (fp32 delta, added to the weights in their dtype)."""
-        out = {}
-        for n, p in zip(self.names, self.p):
-            f, W = self.factors[n], self.base[n]
-            out[n] = (W.to(torch.float32) + svf_delta(f.U, f.s, f.Vh, torch.sigmoid(p))).to(W.dtype)
-        return out
+        return patched_weights(self.base, self.factors, {n: torch.sigmoid(p) for n, p in zip(self.names, self.p)})
 
 
 class Trainer:
@@ -100,59 +95,9 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.policy.parameters(), lr=config.lr)
         self.rng = random.Random(config.seed)
         self.step_no, self.best_acc, self.best_z, self.history = 0, -1.0, self.policy.z(), []
-        if self.tok.pad_token_id is None:
-            self.tok.pad_token = self.tok.eos_token
-        self.tok.padding_side = "left"
+        self.rollouts = Rollouts(model, tokenizer, config.max_new_tokens, config.temperature, config.batch_size)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._resume()
-
-    # -- rollouts and scoring ---------------------------------------------------------------------
-    def _prompts(self, examples: Sequence[Any], task: Any) -> list[str]:
-        return [self.tok.apply_chat_template(task.messages(e), add_generation_prompt=True, tokenize=False)
-                for e in examples]
-
-    @torch.no_grad()
-    def _generate(self, prompts: list[str], weights: Mapping[str, torch.Tensor] | None) -> tuple[Any, list[str]]:
-        """Completions under `weights` (None: base), written in place for the call and restored after."""
-        enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
-        params = dict(self.model.named_parameters())
-        saved = {n: params[n].data.clone() for n in (weights or {})}
-        try:
-            for n, w in (weights or {}).items():
-                params[n].data.copy_(w)
-            kw = dict(do_sample=self.cfg.temperature > 0, max_new_tokens=self.cfg.max_new_tokens,
-                      pad_token_id=self.tok.pad_token_id)
-            if self.cfg.temperature > 0:
-                kw["temperature"] = self.cfg.temperature
-            out = self.model.generate(**enc, **kw)
-        finally:
-            for n, w in saved.items():
-                params[n].data.copy_(w)
-        completion_ids = out[:, enc["input_ids"].shape[1]:]                # [B, new]
-        texts = self.tok.batch_decode(completion_ids, skip_special_tokens=True)
-        return (enc, completion_ids), texts
-
-    def _token_logprobs(self, enc: Any, completion_ids: torch.Tensor,
-                        weights: Mapping[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Log-probs of the completion tokens and the full log-softmax, under `weights` (None: base)."""
-        ids = torch.cat([enc["input_ids"], completion_ids], 1)                    # [B, T]
-        pad = self.tok.pad_token_id
-        comp_mask = (completion_ids != pad).long()
-        # tokens after the first eos/pad of a completion are padding: keep the first pad if it is the eos
-        first_pad = comp_mask.cumprod(1)
-        eos_slot = torch.zeros_like(first_pad)
-        eos_slot[:, 1:] = first_pad[:, :-1] - first_pad[:, 1:]
-        eos_slot[:, 0] = 1 - first_pad[:, 0]
-        comp_mask = first_pad + eos_slot.clamp_min(0)                              # [B, new]
-        mask = torch.cat([enc["attention_mask"], comp_mask], 1)                    # [B, T]
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions)
-        out = functional_call(self.model, dict(weights), args=(), kwargs=kwargs) if weights else self.model(**kwargs)
-        n_new = completion_ids.shape[1]
-        logits = out.logits[:, -n_new - 1:-1].float()                              # [B, new, vocab]
-        logp_all = torch.log_softmax(logits, -1)
-        logp = logp_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)       # [B, new]
-        return logp, logp_all, comp_mask.float()
 
     # -- one update ------------------------------------------------------------------------------------
     def step(self) -> dict[str, float]:
@@ -161,17 +106,17 @@ class Trainer:
         batch = self.rng.sample(self.train.examples, min(self.cfg.batch_size, len(self.train.examples)))
         # 2. rollouts under the current z
         patched = {n: w.detach() for n, w in self.policy.patched().items()}
-        (enc, comp), texts = self._generate(self._prompts(batch, self.train), patched)
+        (enc, comp), texts = self.rollouts.generate(self.rollouts.prompts(batch, self.train), patched)
         # 3. rewards
         r = torch.tensor([self.train.reward(t, e) for t, e in zip(texts, batch)], device=comp.device)   # [B]
         # 4. loss with gradients through W'(p)
-        logp, logp_all, m = self._token_logprobs(enc, comp, self.policy.patched())
+        logp, logp_all, m = self.rollouts.token_logprobs(enc, comp, self.policy.patched())
         seq_logp = (logp * m).sum(1) / m.sum(1).clamp_min(1)                       # [B]
         loss = -(r * seq_logp).mean()
         kl = torch.zeros((), device=comp.device)
         if self.cfg.kl_coef > 0:
             with torch.no_grad():
-                _, base_all, _ = self._token_logprobs(enc, comp, None)
+                _, base_all, _ = self.rollouts.token_logprobs(enc, comp, None)
             kl_tok = (logp_all.exp() * (logp_all - base_all)).sum(-1)            # [B, new]
             kl = (kl_tok * m).sum() / m.sum().clamp_min(1)
             loss = loss + self.cfg.kl_coef * kl
@@ -186,25 +131,10 @@ class Trainer:
                "seconds": round(time.perf_counter() - t0, 2)}
         return row
 
-    @torch.no_grad()
     def accuracy(self, task: Any, z: Mapping[str, torch.Tensor] | None = None, limit: int | None = None) -> float:
         """Greedy accuracy on `task` under z (None: the current policy)."""
-        examples = task.examples[:limit or self.cfg.val_size]
-        weights = self.policy.patched() if z is None else self._weights_for(z)
-        weights = {n: w.detach() for n, w in weights.items()}
-        correct = 0
-        for i in range(0, len(examples), self.cfg.batch_size):
-            chunk = examples[i:i + self.cfg.batch_size]
-            _, texts = self._generate(self._prompts(chunk, task), weights)
-            correct += sum(task.reward(t, e) > 0 for t, e in zip(texts, chunk))
-        return correct / max(1, len(examples))
-
-    def _weights_for(self, z: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = {}
-        for n in self.policy.names:
-            f, W = self.policy.factors[n], self.policy.base[n]
-            out[n] = (W.to(torch.float32) + svf_delta(f.U, f.s, f.Vh, z[n].to(f.s.device))).to(W.dtype)
-        return out
+        weights = self.policy.patched() if z is None else patched_weights(self.policy.base, self.policy.factors, z)
+        return self.rollouts.accuracy(task, {n: w.detach() for n, w in weights.items()}, limit or self.cfg.val_size)
 
     # -- the loop ------------------------------------------------------------------------------------
     def fit(self, progress: bool = True) -> list[dict[str, float]]:

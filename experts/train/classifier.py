@@ -1,0 +1,37 @@
+"""The classification task: the dispatch prompt, answered with the right category, as an SVF training task.
+
+Contract: `classification_task(tasks)` turns labelled tasks (each with `.label` in code / math / reasoning /
+other and examples with a `.prompt`) into one Task whose examples ask the paper's classification prompt
+(experts.dispatch: system prompt + "Question: ...") and whose grader is right iff the first `\\boxed{}` of
+the answer names that label. Trained with the same REINFORCE recipe, the result is the `classifier` expert
+the `classifier` dispatch strategy patches in for the first pass. Examples are interleaved per label so that
+a prefix of the task (a batch, a validation split) is balanced.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from typing import Iterable
+
+from experts.dispatch import LABELS, SYSTEM_PROMPT, classification_messages, parse_label
+from experts.tasks.base import Example, Task
+
+
+def _grade(completion: str, example: Example) -> bool:
+    return parse_label(completion) == example.answer
+
+
+def classification_task(tasks: Iterable[Task], seed: int = 0, name: str = "classifier") -> Task:
+    per_label: dict[str, list[Example]] = {}
+    for t in tasks:
+        if t.label not in LABELS:
+            raise ValueError(f"task {t.name!r} has label {t.label!r}; the dispatch labels are {LABELS}")
+        user = classification_messages("{q}")[1]["content"]          # "Question: {q}"
+        per_label.setdefault(t.label, []).extend(
+            Example(user.replace("{q}", e.prompt.strip()), t.label) for e in t.examples)
+    rng = random.Random(seed)
+    for exs in per_label.values():
+        rng.shuffle(exs)
+    mixed = [e for group in itertools.zip_longest(*per_label.values()) for e in group if e is not None]
+    return Task(name, "classifier", mixed, _grade, system=SYSTEM_PROMPT)

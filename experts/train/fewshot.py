@@ -1,0 +1,56 @@
+"""Few-shot adaptation: search expert mixing weights on a handful of labelled examples, save a profile.
+
+Contract: `fewshot_profile(...)` runs CEM (experts/train/cem.py) over α — per expert, or per expert per
+matrix as the reference's per_layer — scoring each α by greedy accuracy on the shots, ties broken by the mean
+log-likelihood of the reference answers (the paper's objective). The best α's mixed z' is saved as an
+expert file with label `profile`: since W' depends only on z', that file *is* the adaptation, so the server
+serves it like any expert (model id `<base>:<profile>`, listed in /v1/models) with no per-request search.
+The profile's description records the experts and weights it was mixed from.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from experts.expert import Expert
+from experts.svd import Factors
+from experts.train.cem import CEMConfig, CEMResult, MixSpace, cem, mixed_z
+from experts.train.rollout import Rollouts, patched_weights
+
+PROFILE_LABEL = "profile"
+
+
+def fewshot_profile(model: Any, tokenizer: Any, factors: Mapping[str, Factors], experts: Mapping[str, Expert],
+                    shots: Any, name: str, *, per_matrix: bool = False, config: CEMConfig = CEMConfig(),
+                    max_new_tokens: int = 96, log: bool = True) -> tuple[Expert, CEMResult]:
+    """1. the objective over α; 2. CEM; 3. the best α's z' as a profile expert."""
+    # 1. objective
+    rollouts = Rollouts(model, tokenizer, max_new_tokens, 0.0, batch_size=max(1, len(shots.examples)))
+    params = dict(model.named_parameters())
+    base = {n: params[n].data for n in factors}
+    space = MixSpace.of(experts, per_matrix)
+    answers = [str(e.metadata.get("solution") or e.answer) for e in shots.examples]
+
+    def objective(alpha: np.ndarray) -> tuple[float, float]:
+        z = mixed_z(space, experts, alpha)
+        with torch.no_grad():
+            w = patched_weights(base, factors, z) if z else None
+            return (rollouts.accuracy(shots, w),
+                    rollouts.answer_loglik(shots, shots.examples, w, answers))
+
+    # 2. search
+    result = cem(objective, space.dim, config, log=log)
+    # 3. profile
+    z = mixed_z(space, experts, result.alpha)
+    table = space.weights(result.alpha)
+    desc = {"experts": list(space.experts), "per_matrix": per_matrix, "shots": len(shots.examples),
+            "accuracy_on_shots": result.score[0], "weights": table["*"] if not per_matrix else "per matrix"}
+    any_expert = next(iter(experts.values()))
+    profile = Expert(name=name, z={n: t.float().cpu() for n, t in z.items()}, label=PROFILE_LABEL,
+                     description=json.dumps(desc), base_model=any_expert.base_model,
+                     base_fingerprint=any_expert.base_fingerprint)
+    return profile, result

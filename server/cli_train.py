@@ -1,0 +1,191 @@
+"""`t2 train` and `t2 train-classifier`: make experts with SVF + REINFORCE (experts/train/reinforce.py).
+
+Contract: each command loads the base model (float32, CPU or a GPU), its cached SVD factors and the task
+data, trains with progress and a log, and writes `<out>/<name>.safetensors` (the best validation z) plus the
+run folder (log.jsonl, curve.png, checkpoint, recipe.json with every setting, so a run is reproducible and
+resumable: the same command resumes it). Errors are one line, exit code 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from experts.errors import ExpertError
+
+
+def _fail(e: Exception) -> None:
+    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+def _run(name: str, label: str, task, valid_size: int, model: Optional[Path], out: Path, run_dir: Optional[Path],
+         attention: bool, device: str, description: str, **cfg) -> None:
+    """1. model + factors; 2. split the task; 3. train; 4. save the best z as an expert."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from experts.svd import ATTENTION_TARGETS, MLP_TARGETS, load_factors
+    from experts.train.reinforce import TrainConfig, Trainer
+    from server.default_model import DEFAULT_MODEL_NAME, default_cache_dir, ensure_default_model
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
+    # 1. model + factors
+    cache = default_cache_dir()
+    model_dir = model or ensure_default_model(cache)
+    base_name = DEFAULT_MODEL_NAME if model is None else model_dir.name
+    targets = MLP_TARGETS + (ATTENTION_TARGETS if attention else ())
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    factors, fp = load_factors(model_dir, cache / "factors" / model_dir.name, targets, device=dev)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev)
+    # 2. split
+    if len(task.examples) <= valid_size:
+        _fail(ValueError(f"{len(task.examples)} examples: need more than --valid-size {valid_size}"))
+    valid, train = task.split(valid_size)
+    # 3. train
+    run_dir = run_dir or Path("runs") / name
+    config = TrainConfig(**cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.json").write_text(json.dumps(
+        {"argv": sys.argv, "name": name, "label": label, "model": str(model_dir), "fingerprint": fp,
+         "task": task.name, "examples": len(task.examples), "valid_size": valid_size,
+         "targets": list(targets), "config": vars(config)}, indent=1))
+    trainer = Trainer(lm, tok, factors, train, valid, config, run_dir, expert_name=name, label=label,
+                      base_model=base_name, base_fingerprint=fp)
+    trainer.fit()
+    # 4. save
+    path = trainer.save_expert(out / f"{name}.safetensors", description)
+    base_acc = trainer.history[0].get("val_acc")
+    typer.echo(f"wrote {path}: validation accuracy {base_acc:.3f} (base) → {trainer.best_acc:.3f} (best); "
+               f"log {run_dir / 'log.jsonl'}, plot {run_dir / 'curve.png'}")
+
+
+def register(app: typer.Typer) -> None:
+    common = dict(
+        valid_size=typer.Option(32, help="Examples held out for validation (the first N)."),
+        model=typer.Option(None, help="Base model folder (default: the embedded model)."),
+        out=typer.Option(Path("."), help="Folder for <name>.safetensors."),
+        run_dir=typer.Option(None, help="Run folder (log, plot, checkpoint). Default: runs/<name>."),
+        attention=typer.Option(False, help="Also adapt the attention projections."),
+        device=typer.Option("auto", help="auto | cpu | cuda"),
+        steps=typer.Option(50), batch_size=typer.Option(8), lr=typer.Option(2e-3), kl_coef=typer.Option(0.0),
+        grad_clip=typer.Option(1e-3), max_new_tokens=typer.Option(96), temperature=typer.Option(0.0),
+        val_every=typer.Option(10), val_size=typer.Option(64), seed=typer.Option(0),
+    )
+
+    @app.command()
+    def train(name: str = typer.Argument(..., help="Expert name."),
+              task: str = typer.Option(..., help="gsm8k | math | arc | mbpp | humaneval"),
+              data: Optional[Path] = typer.Option(None, help="JSONL file of that format (not for humaneval)."),
+              label: str = typer.Option(..., help="math | code | reasoning | ..."),
+              description: str = typer.Option(""),
+              valid_size: int = common["valid_size"], model: Optional[Path] = common["model"],
+              out: Path = common["out"], run_dir: Optional[Path] = common["run_dir"],
+              attention: bool = common["attention"], device: str = common["device"],
+              steps: int = common["steps"], batch_size: int = common["batch_size"], lr: float = common["lr"],
+              kl_coef: float = common["kl_coef"], grad_clip: float = common["grad_clip"],
+              max_new_tokens: int = common["max_new_tokens"], temperature: float = common["temperature"],
+              val_every: int = common["val_every"], val_size: int = common["val_size"],
+              seed: int = common["seed"]) -> None:
+        """Train an SVF expert on a task with REINFORCE (reward ±1, optional KL penalty)."""
+        from experts.tasks import load_task
+        try:
+            t = load_task(task, data)
+        except (ValueError, OSError) as e:
+            _fail(e)
+        try:
+            _run(name, label, t, valid_size, model, out, run_dir, attention, device, description,
+                 steps=steps, batch_size=batch_size, lr=lr, kl_coef=kl_coef, grad_clip=grad_clip,
+                 max_new_tokens=max_new_tokens, temperature=temperature, val_every=val_every,
+                 val_size=val_size, seed=seed)
+        except ExpertError as e:
+            _fail(e)
+
+    @app.command()
+    def fewshot(name: str = typer.Argument(..., help="Profile name (served as <base>:<name>)."),
+                task: str = typer.Option(..., help="gsm8k | math | arc | mbpp | humaneval"),
+                data: Optional[Path] = typer.Option(None, help="JSONL file of that format."),
+                shots: int = typer.Option(10, help="Labelled examples to search on (the first N)."),
+                experts: Optional[Path] = typer.Option(None, help="Experts to mix (default: the embedded ones)."),
+                per_matrix: bool = typer.Option(False, help="One weight per expert per matrix (the "
+                                                "reference's per_layer) instead of one per expert."),
+                population: int = typer.Option(32), iterations: int = typer.Option(50),
+                elite_ratio: float = typer.Option(0.2), init_std: float = typer.Option(0.5),
+                seed: int = typer.Option(0), max_new_tokens: int = typer.Option(96),
+                model: Optional[Path] = common["model"], out: Path = common["out"],
+                device: str = common["device"]) -> None:
+        """Few-shot adaptation: CEM over mixing weights on N shots; the result is saved as a profile expert."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from experts.expert import Expert
+        from experts.svd import load_factors
+        from experts.tasks import load_task
+        from experts.train.cem import CEMConfig
+        from experts.train.fewshot import PROFILE_LABEL, fewshot_profile
+        from server.default_model import default_cache_dir, default_experts_dir, ensure_default_model
+
+        try:
+            t = load_task(task, data)
+            cache = default_cache_dir()
+            model_dir = model or ensure_default_model(cache)
+            folder = experts or default_experts_dir()
+            pool = {e.name: e for e in map(Expert.load, sorted(Path(folder).glob("*.safetensors")))
+                    if e.label not in ("classifier", PROFILE_LABEL)}
+            if not pool:
+                raise ValueError(f"no experts to mix in {folder}")
+            dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                               ("cpu" if device == "auto" else device))
+            factors, fp = load_factors(model_dir, cache / "factors" / model_dir.name, device=dev)
+            for e in pool.values():
+                e.check_against({n: f.rank for n, f in factors.items()}, fp)
+        except (ValueError, OSError, ExpertError) as e:
+            _fail(e)
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev)
+        cfg = CEMConfig(population=population, elite_ratio=elite_ratio, iterations=iterations, init_std=init_std,
+                        seed=seed)
+        profile, result = fewshot_profile(lm, tok, factors, pool, t.subset(range(min(shots, len(t)))), name,
+                                          per_matrix=per_matrix, config=cfg, max_new_tokens=max_new_tokens)
+        path = profile.save(out / f"{name}.safetensors")
+        typer.echo(f"wrote {path}: accuracy on the shots {result.score[0]:.3f} after {result.evaluations} "
+                   f"evaluations; {profile.description}")
+
+    @app.command("train-classifier")
+    def train_classifier(name: str = typer.Argument("classifier", help="Expert name."),
+                         source: list[str] = typer.Option(..., "--source", help="LABEL:FORMAT[:FILE], e.g. "
+                                                          "math:gsm8k:train.jsonl (repeat; labels: code, math, "
+                                                          "reasoning, other)"),
+                         description: str = typer.Option("the dispatch classification expert"),
+                         valid_size: int = common["valid_size"], model: Optional[Path] = common["model"],
+                         out: Path = common["out"], run_dir: Optional[Path] = common["run_dir"],
+                         attention: bool = common["attention"], device: str = common["device"],
+                         steps: int = common["steps"], batch_size: int = common["batch_size"],
+                         lr: float = common["lr"], kl_coef: float = common["kl_coef"],
+                         grad_clip: float = common["grad_clip"], max_new_tokens: int = typer.Option(24),
+                         temperature: float = common["temperature"], val_every: int = common["val_every"],
+                         val_size: int = common["val_size"], seed: int = common["seed"]) -> None:
+        """Train the classification expert: the dispatch prompt answered with each source's label."""
+        from dataclasses import replace
+
+        from experts.tasks import load_task
+        from experts.train.classifier import classification_task
+        try:
+            tasks = []
+            for s in source:
+                label, fmt, *path = s.split(":", 2)
+                tasks.append(replace(load_task(fmt, path[0] if path else None), label=label))
+            t = classification_task(tasks, seed=seed)
+        except (ValueError, OSError) as e:
+            _fail(e)
+        _run(name, "classifier", t, valid_size, model, out, run_dir, attention, device, description,
+             steps=steps, batch_size=batch_size, lr=lr, kl_coef=kl_coef, grad_clip=grad_clip,
+             max_new_tokens=max_new_tokens, temperature=temperature, val_every=val_every, val_size=val_size,
+             seed=seed)

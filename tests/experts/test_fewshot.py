@@ -1,0 +1,48 @@
+"""Few-shot CEM on the tiny model: the found profile is at least as good on the shots as the best single
+expert, it is a valid expert file, and served as an expert it reproduces the searched adaptation."""
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from experts.expert import Expert, random_expert
+from experts.mix import Adaptation, mix_z
+from experts.svd import load_factors, model_fingerprint, model_ranks
+from experts.tasks.base import Example, Task
+from experts.train.cem import CEMConfig, MixSpace, mixed_z
+from experts.train.fewshot import PROFILE_LABEL, fewshot_profile
+from experts.train.rollout import Rollouts, patched_weights
+
+WORDS = "apple river stone cloud tiger green music paper".split()
+
+
+def test_fewshot_profile(tiny_model_dir, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    factors, fp = load_factors(tiny_model_dir, tmp_path / "f", progress=False)
+    ranks = model_ranks(tiny_model_dir)
+    experts = {n: random_expert(n, ranks, 0.6, seed, base_fingerprint=fp) for n, seed in (("a", 1), ("b", 2), ("c", 3))}
+    # shots: the first character that expert "b" makes the model say (so a mix leaning on b wins)
+    shots_prompts = [f"{w} {v}" for w in WORDS for v in WORDS[:1]]
+    task0 = Task("probe", "test", [Example(p, "") for p in shots_prompts], lambda t, e: True)
+    ro = Rollouts(model, tok, max_new_tokens=1)
+    params = dict(model.named_parameters())
+    base = {n: params[n].data for n in factors}
+    _, firsts = ro.generate(ro.prompts(task0.examples, task0), patched_weights(base, factors, experts["b"].z))
+    shots = Task("shots", "test", [Example(p, f) for p, f in zip(shots_prompts, firsts)],
+                 lambda t, e: t.startswith(e.answer))
+    singles = {n: ro.accuracy(shots, patched_weights(base, factors, e.z)) for n, e in experts.items()}
+    assert singles["b"] == 1.0
+    profile, result = fewshot_profile(model, tok, factors, experts, shots, "shots-profile", max_new_tokens=1,
+                                      config=CEMConfig(population=6, iterations=3, seed=0), log=False)
+    assert result.score[0] >= max(singles.values()) - 1e-9 or result.score[0] == 1.0
+    assert result.evaluations <= 18 and profile.label == PROFILE_LABEL
+    # a valid expert file whose z reproduces the searched mix
+    loaded = Expert.load(profile.save(tmp_path / "shots-profile.safetensors"))
+    loaded.check_against(ranks, fp)
+    space = MixSpace.of(experts)
+    want = mixed_z(space, experts, result.alpha)
+    assert all(torch.allclose(loaded.z[n], want[n]) for n in want)
+    assert ro.accuracy(shots, patched_weights(base, factors, loaded.z)) == result.score[0]
+    # per expert, the profile is the server's Adaptation of the same weights
+    server_z = mix_z(experts, space.adaptation(result.alpha))
+    assert all(torch.allclose(server_z[n], want[n], atol=1e-5) for n in want)
