@@ -18,12 +18,14 @@ from typing import Optional
 import typer
 
 from experts.errors import ExpertError
+from server.cli_train import register as register_training
 from server.config import ENV_PREFIX, ServerConfig
 
 app = typer.Typer(help="Transformer² server: self-adaptive LLMs behind an OpenAI-compatible API.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 experts_app = typer.Typer(help="List, inspect and create expert files.", no_args_is_help=True)
 app.add_typer(experts_app, name="experts")
+register_training(app)   # t2 train, t2 train-classifier (server/cli_train.py)
 
 
 def _cli_type(annotation: object) -> object:
