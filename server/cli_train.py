@@ -158,6 +158,31 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"wrote {path}: accuracy on the shots {result.score[0]:.3f} after {result.evaluations} "
                    f"evaluations; {profile.description}")
 
+    @app.command("eval")
+    def eval_(url: str = typer.Option("http://127.0.0.1:8000", help="A running t2 server."),
+              task: list[str] = typer.Option(..., "--task", help="LABEL:FORMAT[:FILE], e.g. math:gsm8k:test.jsonl, "
+                                             "code:humaneval (repeat)"),
+              limit: int = typer.Option(50, help="Examples per task."),
+              max_tokens: int = typer.Option(256), concurrency: int = typer.Option(8),
+              api_key: Optional[str] = typer.Option(None, envvar="T2_API_KEY"),
+              out: Path = typer.Option(Path("eval"), help="Folder for eval.md / eval.json / eval.png.")) -> None:
+        """Accuracy (95 % CI) of base, experts, profiles and dispatch strategies; routing; two-pass cost."""
+        import asyncio
+
+        from clients.evaluate import evaluate, report
+        from experts.tasks import load_task
+        try:
+            tasks = []
+            for spec in task:
+                label, fmt, *path = spec.split(":", 2)
+                t = load_task(fmt, path[0] if path else None)
+                tasks.append((t, label))
+        except (ValueError, OSError) as e:
+            _fail(e)
+        cells = asyncio.run(evaluate(url, tasks, limit, max_tokens, concurrency, api_key))
+        md = report(cells, out, " ".join(["t2"] + sys.argv[1:]))
+        typer.echo(md.read_text())
+
     @app.command("train-classifier")
     def train_classifier(name: str = typer.Argument("classifier", help="Expert name."),
                          source: list[str] = typer.Option(..., "--source", help="LABEL:FORMAT[:FILE], e.g. "

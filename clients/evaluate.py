@@ -1,0 +1,159 @@
+"""`t2 eval`: accuracy of a running server's adaptations on tasks, through its own HTTP API.
+
+Contract: for every task (experts.tasks format + file, with the dispatch label it belongs to) and every
+variant the server offers — the base weights, each expert (`<base>:<expert>`), each profile, and the
+dispatch strategies `prompt` and `classifier` on `auto` — send each example as a greedy chat request, grade
+the answer with the task's own grader, and report:
+- accuracy with a 95 % Wilson interval (a miniature of the paper's Tables 1 and 2);
+- routing accuracy of the strategies (the first pass's label vs the task's label);
+- first-pass vs second-pass time (Table 3), from the `t2` report and the wall time.
+Writes `eval.json`, `eval.md` (tables) and `eval.png` (accuracy with intervals) to the output folder.
+Evaluating through HTTP measures what users get: dispatch, scheduling and patching included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+@dataclass
+class Cell:
+    task: str
+    variant: str
+    n: int = 0
+    correct: int = 0
+    routed: int = 0                 # first-pass label == task label (strategies only)
+    first_ms: list[float] = field(default_factory=list)
+    second_ms: list[float] = field(default_factory=list)
+
+    @property
+    def acc(self) -> float:
+        return self.correct / self.n if self.n else 0.0
+
+    def wilson(self, z: float = 1.96) -> tuple[float, float]:
+        if not self.n:
+            return 0.0, 0.0
+        p, n = self.acc, self.n
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def variants(models: list[dict[str, Any]]) -> dict[str, tuple[str, dict]]:
+    """{display name: (model id, extra body)} from /v1/models."""
+    base = next(m["id"] for m in models if (m.get("t2") or {}).get("kind") == "base")
+    out: dict[str, tuple[str, dict]] = {"base": (base, {})}
+    labels = {}
+    for m in models:
+        t2 = m.get("t2") or {}
+        if t2.get("kind") == "expert":
+            labels[t2.get("label")] = True
+            if t2.get("label") != "classifier":
+                out[m["id"].split(":", 1)[1]] = (m["id"], {})
+    out["T2 prompt"] = ("auto", {"t2": {"dispatch": "prompt"}})
+    if labels.get("classifier"):
+        out["T2 classifier"] = ("auto", {"t2": {"dispatch": "classifier"}})
+    return out
+
+
+async def evaluate(url: str, tasks: list[tuple[Any, str]], limit: int, max_tokens: int, concurrency: int,
+                   api_key: str | None = None, progress: bool = True) -> list[Cell]:
+    """1. what the server offers; 2. every (task, variant, example) as a greedy request; 3. grade."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(base_url=url, timeout=600, headers=headers) as client:
+        r = await client.get("/v1/models")
+        r.raise_for_status()
+        offered = variants(r.json()["data"])
+        sem = asyncio.Semaphore(concurrency)
+        cells = {(t.name, v): Cell(t.name, v) for t, _ in tasks for v in offered}
+        done, total = 0, sum(min(limit, len(t.examples)) for t, _ in tasks) * len(offered)
+
+        async def one(task: Any, label: str, variant: str, example: Any) -> None:
+            nonlocal done
+            model, extra = offered[variant]
+            body = {"model": model, "messages": task.messages(example), "temperature": 0,
+                    "max_tokens": max_tokens, **extra}
+            async with sem:
+                t0 = time.perf_counter()
+                resp = await client.post("/v1/chat/completions", json=body)
+                wall = (time.perf_counter() - t0) * 1e3
+            resp.raise_for_status()
+            out = resp.json()
+            cell = cells[(task.name, variant)]
+            cell.n += 1
+            cell.correct += task.correct(out["choices"][0]["message"]["content"] or "", example)
+            rep = out.get("t2") or {}
+            if rep.get("label") is not None:
+                cell.routed += rep["label"] == label
+                cell.first_ms.append(rep["first_pass_ms"])
+                cell.second_ms.append(wall - rep["first_pass_ms"])
+            done += 1
+            if progress and (done % 10 == 0 or done == total):
+                print(f"eval {done}/{total}", flush=True)
+
+        await asyncio.gather(*(one(t, label, v, e) for t, label in tasks for v in offered
+                               for e in t.examples[:limit]))
+    return list(cells.values())
+
+
+def report(cells: list[Cell], out_dir: Path, command: str = "") -> Path:
+    """eval.json, eval.md and eval.png in `out_dir`; returns the markdown file."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tasks = list(dict.fromkeys(c.task for c in cells))
+    names = list(dict.fromkeys(c.variant for c in cells))
+    by = {(c.task, c.variant): c for c in cells}
+    (out_dir / "eval.json").write_text(json.dumps([
+        {"task": c.task, "variant": c.variant, "n": c.n, "accuracy": c.acc, "ci95": c.wilson(),
+         "routing_accuracy": c.routed / c.n if c.first_ms else None,
+         "first_pass_ms": statistics.median(c.first_ms) if c.first_ms else None,
+         "second_pass_ms": statistics.median(c.second_ms) if c.second_ms else None} for c in cells], indent=1))
+    lines = [f"Made by: `{command}`\n" if command else "",
+             "## Accuracy (%, 95 % Wilson interval)\n", "| variant | " + " | ".join(tasks) + " |",
+             "|---|" + "---|" * len(tasks)]
+    for v in names:
+        row = []
+        for t in tasks:
+            c = by[(t, v)]
+            lo, hi = c.wilson()
+            row.append(f"{100 * c.acc:.1f} [{100 * lo:.0f}, {100 * hi:.0f}] (n={c.n})")
+        lines.append(f"| {v} | " + " | ".join(row) + " |")
+    strat = [c for c in cells if c.first_ms]
+    if strat:
+        lines += ["\n## Dispatch: routing accuracy and the cost of the two passes (median ms)\n",
+                  "| task | strategy | routing accuracy | first pass | second pass | first / second |",
+                  "|---|---|---|---|---|---|"]
+        for c in strat:
+            f, s = statistics.median(c.first_ms), statistics.median(c.second_ms)
+            lines.append(f"| {c.task} | {c.variant} | {100 * c.routed / c.n:.0f} % | {f:.0f} | {s:.0f} | "
+                         f"{f / s:.2f} |")
+    md = out_dir / "eval.md"
+    md.write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(tasks), 3.5))
+        width = 0.8 / max(1, len(names))
+        for i, v in enumerate(names):
+            accs = [by[(t, v)].acc * 100 for t in tasks]
+            lo = [a - by[(t, v)].wilson()[0] * 100 for a, t in zip(accs, tasks)]
+            hi = [by[(t, v)].wilson()[1] * 100 - a for a, t in zip(accs, tasks)]
+            ax.bar([k + i * width for k in range(len(tasks))], accs, width, yerr=[lo, hi], capsize=2, label=v)
+        ax.set_xticks([k + width * (len(names) - 1) / 2 for k in range(len(tasks))], tasks)
+        ax.set_ylabel("accuracy (%)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "eval.png", dpi=100)
+        plt.close(fig)
+    except ImportError:
+        pass
+    return md

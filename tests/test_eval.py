@@ -1,0 +1,29 @@
+"""`t2 eval` against the real server on loopback (tiny model, test experts): tables, intervals, routing."""
+
+import json
+
+from typer.testing import CliRunner
+
+from server.cli import app
+
+
+def test_eval_reports_every_variant_with_intervals_and_routing(live, tmp_path):
+    from experts.tasks.generate import write
+    write("arithmetic", tmp_path / "math.jsonl", 6, seed=0)
+    write("choice", tmp_path / "arc.jsonl", 6, seed=0)
+    r = CliRunner().invoke(app, ["eval", "--url", live.url, "--task", f"math:gsm8k:{tmp_path / 'math.jsonl'}",
+                                 "--task", f"reasoning:arc:{tmp_path / 'arc.jsonl'}", "--limit", "4",
+                                 "--max-tokens", "6", "--out", str(tmp_path / "eval")])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    variants = {x["variant"] for x in rows}
+    assert variants == {"base", "math", "code", "reasoning", "T2 prompt", "T2 classifier"}
+    assert {x["task"] for x in rows} == {"math", "arc"}     # tasks are named after their files
+    for x in rows:
+        assert x["n"] == 4 and 0 <= x["ci95"][0] <= x["accuracy"] <= x["ci95"][1] <= 1
+        strategy = x["variant"].startswith("T2")
+        assert (x["routing_accuracy"] is not None) == strategy
+        if strategy:
+            assert x["first_pass_ms"] > 0 and x["second_pass_ms"] > 0
+    md = (tmp_path / "eval" / "eval.md").read_text()
+    assert "routing accuracy" in md and "| T2 classifier |" in md
