@@ -175,10 +175,6 @@ class SVFWorkerExtension:
         return {"current": p.current, "swaps": p.swaps, "cached": p.cached_keys, "cached_bytes": p.cached_bytes(),
                 "path": "reload" if self._t2_repacked else "copy"}
 
-    def t2_base_equal(self) -> bool:
-        """True when every adapted matrix (live weight or shadow) equals its base copy bit for bit."""
-        return all(torch.equal(m.param, m.base) for m in self._t2_patcher.matrices.values())
-
     # -- the reload path --------------------------------------------------------------------------------------
     def _t2_reload(self) -> None:
         weights = [(n, m.param) for n, m in self._t2_patcher.matrices.items()] + list(self._t2_extra.items())
