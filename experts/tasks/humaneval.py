@@ -16,11 +16,10 @@ Contract:
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from experts.tasks.base import Example, Task
-from experts.tasks.programs import DEFAULT_LIMITS, extract_code
+from experts.tasks.programs import DEFAULT_LIMITS, _defines, extract_code
 from experts.tasks.sandbox import Limits, run_python
 
 INSTRUCTION = "Complete the following Python function. Write the whole function in a ```python code block."
@@ -30,10 +29,9 @@ def humaneval_program(completion: str, example: Example) -> str:
     meta = example.metadata
     entry = meta["entry_point"]
     prompt = meta["code_prompt"]
-    if "```" in completion or re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", completion, re.M):
+    if "```" in completion or _defines(completion, entry):
         code = extract_code(completion, entry)
-        defines = re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", code, re.M) is not None
-        body = f"{prompt}\n\n{code}" if defines else prompt + code
+        body = f"{prompt}\n\n{code}" if _defines(code, entry) else prompt + code
     else:
         body = prompt + completion          # a bare body continuing the prompt
     return f"{body.rstrip()}\n\n\n{meta['test']}\n\ncheck({entry})\n"

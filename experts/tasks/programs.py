@@ -1,12 +1,13 @@
 """Code tasks: extract a program from a completion, and MBPP (write a function that passes asserts).
 
 Contract:
-- `extract_code(completion, entry_point=None)`: the Python code of a completion. With Markdown fences, the
-  first fenced block (```python, ```py or bare ```) that defines `entry_point` (when given), else the first
-  python/bare block; a fence left open at the end (a truncated answer) runs to the end. Without fences, the
-  text from the first line that starts code (`def`, `class`, `import`, `from`, `@`) or, failing that, the
-  whole text; trailing prose that does not compile is cut off line by line (checked with `compile()`, which
-  never executes anything).
+- `extract_code(completion, entry_point=None)`: the Python code of a completion. Among the fenced blocks
+  (```python, ```py or bare ```) that compile, the first that defines `entry_point` (when given), else the
+  first; a fence left open at the end (a truncated answer) runs to the end. Without such a block (no fences,
+  or only a stray closing fence after unfenced code), the text without its fence lines from the first line
+  that starts code (`def`, `class`, `import`, `from`, `@`) or, failing that, the whole text; trailing prose
+  that does not compile is cut off line by line. Compiling is checked with `compile()`, which never executes
+  anything.
 - MBPP file format (JSON lines, as published): `task_id`, `text` (the request), `code` (a reference
   solution), `test_list` (assert statements), optional `test_setup_code` and `challenge_test_list`.
   `load_mbpp(path)` gives a `Task` (label `code`); each example's prompt is the request plus its first test
@@ -52,19 +53,27 @@ def _trim_to_compilable(code: str) -> str:
     return code
 
 
+def _defines(code: str, name: str) -> bool:
+    return re.search(rf"^\s*(?:async\s+)?def\s+{re.escape(name)}\s*\(", code, re.M) is not None
+
+
 def extract_code(completion: str, entry_point: str | None = None) -> str:
     """The program a completion contains (see the module contract)."""
-    blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(completion)]
-    py = [body for lang, body in blocks if lang in ("python", "py", "python3", "")]
-    if py:
-        if entry_point:
-            defining = [b for b in py if re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", b, re.M)]
-            if defining:
-                return defining[0].rstrip() + "\n"
-        return py[0].rstrip() + "\n"
-    m = _CODE_START.search(completion)
-    code = completion[m.start():] if m else completion
-    return _trim_to_compilable(code.rstrip()) + "\n"
+    # 1. fenced blocks that can be Python (```python, ```py, bare ```); prose between two stray fences
+    #    (code, then a lone closing fence, then an explanation) does not compile and is passed over
+    blocks = [body for lang, body in _FENCE.findall(completion) if lang.lower() in ("python", "py", "python3", "")]
+    usable = [b for b in blocks if b.strip() and _compiles(b)]
+    if entry_point:
+        defining = [b for b in usable if _defines(b, entry_point)]
+        if defining:
+            return defining[0].rstrip() + "\n"
+    if usable:
+        return usable[0].rstrip() + "\n"
+    # 2. no usable block: raw text without fence lines, from the first line that starts code
+    text = "\n".join(line for line in completion.splitlines() if not line.lstrip().startswith("```"))
+    m = _CODE_START.search(text)
+    code = text[m.start():] if m else text
+    return _trim_to_compilable(code.rstrip()).rstrip() + "\n"
 
 
 def program_for(code: str, tests: Sequence[str], setup: str = "") -> str:

@@ -21,8 +21,13 @@ Contract:
   Without root (or without unshare) layers 1–2 degrade to what the platform allows and layer 3 still holds.
   The audit hook is a second layer, not a boundary against a determined attacker (Python audit hooks can be
   bypassed from native code, which is why ctypes is refused); the namespaces and the uid switch are.
-- The run counts as `passed` only when the guard reports that the program's top level finished: a program
-  that calls `exit(0)` or `os._exit(0)` before its tests run has not passed.
+- The interpreter is this one (`sys.executable`) unless the uid switch needs another that `nobody` can read
+  (here a venv under /root is not): then the first of `python3` on PATH, /usr/bin/python3 that works. Either
+  way the program sees a standard library only in practice (`-I`: no user site, no PYTHONPATH, no cwd).
+- The run counts as `passed` only when the guard reports, on an inherited pipe, that the program's top level
+  finished: a program that calls `exit(0)` or `os._exit(0)` before its tests run has not passed. (A program
+  written to forge that report could; the graders guard against mistakes and crude gaming, not against
+  adversarial code aiming at the reward — the confinement above is what protects the machine.)
 - `run_many(sources, limits, workers)` runs several programs concurrently (threads waiting on processes).
 """
 

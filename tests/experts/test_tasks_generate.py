@@ -11,8 +11,9 @@ import pytest
 from experts.tasks import load_task
 from experts.tasks.generate import FORMAT_OF, GENERATORS, generate, write
 from experts.tasks.generate.programs import SPECS
+from experts.tasks.numbers import find_numbers
 from experts.tasks.sandbox import run_many
-from experts.tasks.programs import program_for
+from experts.tasks.programs import entry_point_of, program_for
 
 
 @pytest.mark.parametrize("kind", sorted(GENERATORS))
@@ -22,6 +23,8 @@ def test_generators_are_deterministic(kind):
     assert generate(kind, 40, seed=8) != a
     assert generate(kind, 10, seed=7) == a[:10]           # a prefix does not depend on n
     assert json.loads(json.dumps(a)) == a                  # plain JSON
+    if kind == "arithmetic":
+        assert generate(kind, 40, seed=7, level=3) != a and generate(kind, 40, seed=7, level=3) == generate(kind, 40, seed=7, level=3)
 
 
 @pytest.mark.parametrize("kind", sorted(GENERATORS))
@@ -35,8 +38,9 @@ def test_written_files_load_back(tmp_path, kind):
     assert all(task.messages(ex)[-1]["content"] for ex in task)
 
 
-def test_arithmetic_reference_solutions_score_plus_one(tmp_path):
-    task = load_task("gsm8k", write("arithmetic", tmp_path / "a.jsonl", 60, seed=1))
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_arithmetic_reference_solutions_score_plus_one(tmp_path, level):
+    task = load_task("gsm8k", write("arithmetic", tmp_path / "a.jsonl", 60, seed=1, level=level))
     steps = collections.Counter()
     for ex in task:
         assert task.reward(ex.metadata["solution"], ex) == 1.0
@@ -47,7 +51,14 @@ def test_arithmetic_reference_solutions_score_plus_one(tmp_path):
         # the solution's arithmetic is right
         for lhs, rhs in re.findall(r"^(.*) = (\d+)$", ex.metadata["solution"], re.M):
             assert eval(lhs) == int(rhs), lhs  # noqa: S307 - our own generated "a + b" strings
-    assert steps[1] > 15 and steps[2] > 15                 # both one- and two-step problems
+        if level == 1:
+            assert max(map(int, find_numbers(ex.prompt))) <= 12
+    if level == 3:
+        assert steps[1] > 25 and steps[2] > 12                 # one- and two-step problems
+    else:
+        assert set(steps) == {1}
+    with pytest.raises(ValueError, match="level"):
+        generate("arithmetic", 3, level=9)
 
 
 def test_choice_reference_answers_score_plus_one(tmp_path):
@@ -90,7 +101,7 @@ def test_every_program_spec_passes_and_a_wrong_solution_fails():
         rows.setdefault(row["code"], row)
     assert len(rows) == len(SPECS)                         # every spec is used
     good = [program_for(r["code"], r["test_list"]) for r in rows.values()]
-    bad = [program_for(r["code"].replace("return ", "return None or 0 * 0 if False else None #", 1), r["test_list"])
+    bad = [program_for(f"def {entry_point_of(r['test_list'][0])}(*args):\n    return None\n", r["test_list"])
            for r in rows.values()]
     results = run_many(good + bad, workers=2)
     assert [r.status for r in results[:len(good)]] == ["passed"] * len(good), [r.stderr for r in results]

@@ -190,6 +190,13 @@ def test_extract_code_from_fences():
     assert extract_code(truncated) == "def h():\n    return 3\n"
 
 
+def test_extract_code_stray_closing_fence_and_truncation():
+    stray = "def f(x):\n    return x * 3\n```\n\nThis function triples x. It uses `*`."
+    assert extract_code(stray, "f") == "def f(x):\n    return x * 3\n"
+    cut = "```python\ndef f(x):\n    y = x + 1\n    return y\n\ndef g(x):\n    return (x +"   # cut mid-line
+    assert extract_code(cut, "f") == "def f(x):\n    y = x + 1\n    return y\n"
+
+
 def test_extract_code_raw_text_cuts_prose():
     text = "Sure! Here is the function:\ndef f(x):\n    return x * 2\nThis function doubles x."
     code = extract_code(text)

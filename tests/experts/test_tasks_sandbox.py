@@ -7,6 +7,7 @@ regression in either shows. Limits are small to keep the tests fast on a shared 
 
 from __future__ import annotations
 
+import ast
 import builtins
 import os
 import socket
@@ -201,7 +202,7 @@ def test_environment_is_scrubbed(monkeypatch):
     r = run_python(src, FAST)
     assert r.passed, r.stderr
     assert "hunter2" not in r.stdout and "hunter2" not in r.stderr
-    env = dict(eval(r.stdout.splitlines()[0]))
+    env = dict(ast.literal_eval(r.stdout.splitlines()[0]))
     assert set(env) <= {"PATH", "LANG", "HOME", "TMPDIR", "LC_CTYPE"}, env
 
 

@@ -16,7 +16,7 @@ from experts.tasks.generate.arithmetic import arithmetic_rows
 from experts.tasks.generate.choice import choice_rows
 from experts.tasks.generate.programs import program_rows
 
-GENERATORS: dict[str, Callable[[int, int], list[dict[str, Any]]]] = {
+GENERATORS: dict[str, Callable[..., list[dict[str, Any]]]] = {
     "arithmetic": arithmetic_rows,
     "programs": program_rows,
     "choice": choice_rows,
@@ -24,11 +24,12 @@ GENERATORS: dict[str, Callable[[int, int], list[dict[str, Any]]]] = {
 FORMAT_OF = {"arithmetic": "gsm8k", "programs": "mbpp", "choice": "arc"}
 
 
-def generate(kind: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
+def generate(kind: str, n: int, seed: int = 0, **options: Any) -> list[dict[str, Any]]:
+    """n rows of `kind`; `options` go to the generator (e.g. `level` for arithmetic)."""
     if kind not in GENERATORS:
         raise ValueError(f"unknown generator {kind!r}; choose from {sorted(GENERATORS)}")
-    return GENERATORS[kind](n, seed)
+    return GENERATORS[kind](n, seed, **options)
 
 
-def write(kind: str, path: Path | str, n: int, seed: int = 0) -> Path:
-    return write_jsonl(path, generate(kind, n, seed))
+def write(kind: str, path: Path | str, n: int, seed: int = 0, **options: Any) -> Path:
+    return write_jsonl(path, generate(kind, n, seed, **options))

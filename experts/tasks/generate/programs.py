@@ -7,6 +7,9 @@ solution, and an input sampler; the expected values are computed by evaluating t
 trusted twin (`ref`, written here, never model output) on the sampled inputs, so the reference code passes
 its tests by construction (the tests check it anyway). Task ids count up from 1 per file; the prompt text
 names the function, as MBPP's does, so graders can find it.
+Difficulty: SmolLM2-135M-Instruct (greedy, 128 new tokens) solved 12/16 tasks drawn from the first 16 specs
+(the one-liners); the 7 specs marked "a little harder" were added after that measurement to pull the base
+rate further from 100 % and are not measured yet.
 """
 
 from __future__ import annotations
@@ -33,6 +36,17 @@ def _ints(r: random.Random, lo: int = -9, hi: int = 20, n: tuple[int, int] = (2,
 def _word(r: random.Random) -> str:
     return r.choice(("level", "python", "noon", "banana", "racecar", "apple", "kayak", "hello", "stats",
                      "tiger", "radar", "moon", "refer", "table", "civic", "orange"))
+
+
+def _distinct_ints(r: random.Random) -> list[int]:
+    nums = _ints(r, -5, 20, (3, 6))
+    while len(set(nums)) < 2:
+        nums.append(r.randint(-5, 20))
+    return nums
+
+
+def _sentence(r: random.Random) -> str:
+    return " ".join(_word(r) for _ in range(r.randint(2, 5)))
 
 
 def _mean_list(r: random.Random) -> list[int]:
@@ -85,6 +99,38 @@ SPECS: tuple[Spec, ...] = (
          "list of numbers.",
          "def average(nums):\n    return sum(nums) / len(nums)\n", lambda nums: sum(nums) / len(nums),
          lambda r: (_mean_list(r),)),
+    # a little harder: a loop with state, a second condition, or an edge to get right
+    Spec("second_largest", "Write a function second_largest(nums) that returns the second largest distinct "
+         "number in a list (the list has at least two different numbers).",
+         "def second_largest(nums):\n    return sorted(set(nums))[-2]\n", lambda nums: sorted(set(nums))[-2],
+         lambda r: (_distinct_ints(r),)),
+    Spec("remove_duplicates", "Write a function remove_duplicates(items) that returns a new list without "
+         "repeated elements, keeping the first occurrence of each in the original order.",
+         "def remove_duplicates(items):\n    seen = []\n    for x in items:\n        if x not in seen:\n"
+         "            seen.append(x)\n    return seen\n", lambda items: list(dict.fromkeys(items)),
+         lambda r: (_ints(r, 0, 5, (4, 8)),)),
+    Spec("sum_digits", "Write a function sum_digits(n) that returns the sum of the decimal digits of a "
+         "non-negative integer n.",
+         "def sum_digits(n):\n    return sum(int(d) for d in str(n))\n", lambda n: sum(int(d) for d in str(n)),
+         lambda r: (r.randint(0, 99999),)),
+    Spec("is_prime", "Write a function is_prime(n) that returns True if the integer n is a prime number and "
+         "False otherwise.",
+         "def is_prime(n):\n    if n < 2:\n        return False\n    for d in range(2, int(n ** 0.5) + 1):\n"
+         "        if n % d == 0:\n            return False\n    return True\n",
+         lambda n: n >= 2 and all(n % d for d in range(2, int(n ** 0.5) + 1)), lambda r: (r.randint(0, 60),)),
+    Spec("count_words", "Write a function count_words(s) that returns the number of words in the string s, "
+         "where words are separated by spaces.",
+         "def count_words(s):\n    return len(s.split())\n", lambda s: len(s.split()), lambda r: (_sentence(r),)),
+    Spec("capitalize_words", "Write a function capitalize_words(s) that returns the string s with the first "
+         "letter of every word in upper case and the other letters unchanged (s is lowercase words separated "
+         "by single spaces).",
+         "def capitalize_words(s):\n    return ' '.join(w[0].upper() + w[1:] for w in s.split(' '))\n",
+         lambda s: " ".join(w[0].upper() + w[1:] for w in s.split(" ")), lambda r: (_sentence(r),)),
+    Spec("running_total", "Write a function running_total(nums) that returns the list of running sums: the "
+         "i-th element is the sum of the first i+1 numbers.",
+         "def running_total(nums):\n    out = []\n    total = 0\n    for x in nums:\n        total += x\n"
+         "        out.append(total)\n    return out\n",
+         lambda nums: [sum(nums[:i + 1]) for i in range(len(nums))], lambda r: (_ints(r, -5, 10, (2, 6)),)),
     Spec("first_n_squares", "Write a function first_n_squares(n) that returns the list of the squares of 1, 2, "
          "..., n.",
          "def first_n_squares(n):\n    return [i * i for i in range(1, n + 1)]\n",
