@@ -101,6 +101,14 @@ def test_big_allocation_hits_the_memory_limit():
     assert ok.passed and ok.stdout.strip() == str(32 * 1024 ** 2)
 
 
+def test_file_size_limit_caps_writes_and_output():
+    small = Limits(timeout_s=3.0, cpu_s=2, memory_mb=256, file_mb=1)
+    r = run_python("with open('big.bin', 'wb') as f:\n    f.write(b'x' * (8 << 20))\nprint('wrote')", small)
+    assert r.status == "failed" and "wrote" not in r.stdout
+    r = run_python("import sys\nfor _ in range(1 << 16):\n    sys.stdout.write('y' * 1024)", small)   # 64 MiB of output
+    assert r.status == "failed" and len(r.stdout) <= 2000
+
+
 FORK_BOMB = ("import os, time\nn = 0\ntry:\n    while True:\n        if os.fork() == 0:\n            time.sleep(30)\n"
              "            os._exit(0)\n        n += 1\nfinally:\n    print('forked', n, flush=True)\n")
 
