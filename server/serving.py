@@ -207,6 +207,13 @@ class Serving:
 
     # ---- step 1: dispatch ----------------------------------------------------------------------------
     def _label_request(self, question: str, adaptation: Adaptation) -> ScoreRequest:
+        # the first pass must fit the model too: a question longer than the room left is cut (its head
+        # is what classifies it)
+        room = self.engine.max_model_len - len(self._tokenize(
+            self._chat_template(classification_messages(""), ANSWER_PREFIX))) - 16
+        q_ids = self._tokenize(question)
+        if len(q_ids) > room:
+            question = self.engine.tokenizer.decode(q_ids[:max(0, room)])
         prompt = self._chat_template(classification_messages(question), ANSWER_PREFIX)
         full = [self._tokenize(prompt + label + LABEL_SUFFIX) for label in LABELS]
         common = 0

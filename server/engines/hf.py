@@ -249,28 +249,32 @@ class HFEngine(Engine):
             while self._control:                     # control work: only here, between batches
                 self._control.popleft()()
             batch = self.scheduler.next_batch(timeout=0.5)
-            if batch is None:
-                continue
-            missing = [n for n in batch.adaptation.experts if n not in self.experts]
-            if missing:                              # unloaded while these requests waited: their error
-                err = ModelNotFound(f"expert {missing[0]!r} was unloaded", "model")
-                for job in batch.jobs:
-                    job.sink.put(err)
-                continue
-            self._running = len(batch.jobs)
-            try:
-                if self.fault_hook is not None:
-                    self.fault_hook(batch)
-                self._run_batch(batch)
-                self._fault = None
-            except Exception as e:  # one bad batch fails its requests, never the server
-                log.exception("batch failed (%s, %d jobs)", batch.kind, len(batch.jobs))
-                self._fault = f"{type(e).__name__}: {e}"
-                err = EngineUnavailable(f"the engine failed on this request: {type(e).__name__}: {e}")
-                for job in batch.jobs:
-                    job.sink.put(err)
-            finally:
-                self._running = 0
+            if batch is not None:
+                self._serve(batch)
+                batch = None                         # finished requests must not stay pinned by the worker
+
+    def _serve(self, batch: Batch) -> None:
+        """Run one batch; its failure fails its requests (and flips /health), never the worker."""
+        missing = [n for n in batch.adaptation.experts if n not in self.experts]
+        if missing:                                  # unloaded while these requests waited: their error
+            err = ModelNotFound(f"expert {missing[0]!r} was unloaded", "model")
+            for job in batch.jobs:
+                job.sink.put(err)
+            return
+        self._running = len(batch.jobs)
+        try:
+            if self.fault_hook is not None:
+                self.fault_hook(batch)
+            self._run_batch(batch)
+            self._fault = None
+        except Exception as e:  # one bad batch fails its requests, never the server
+            log.exception("batch failed (%s, %d jobs)", batch.kind, len(batch.jobs))
+            self._fault = f"{type(e).__name__}: {e}"
+            err = EngineUnavailable(f"the engine failed on this request: {type(e).__name__}: {e}")
+            for job in batch.jobs:
+                job.sink.put(err)
+        finally:
+            self._running = 0
 
     def _apply(self, adaptation: Adaptation):
         return self.patcher.apply(adaptation.key, lambda: mix_z(self.experts, adaptation))

@@ -171,3 +171,14 @@ def test_context_length_is_checked(http):
 def test_health(http):
     h = http.get("/health").json()
     assert h["status"] == "ok" and h["engine"] == "hf"
+
+
+def test_first_pass_fits_the_context_even_for_a_long_question(client, live):
+    """A prompt that fits the model but whose classification prompt would not: the question is cut."""
+    tok, limit = live.engine.tokenizer, live.engine.max_model_len
+    ids = tok("the quick brown fox jumps over the lazy dog " * 200, add_special_tokens=False)["input_ids"]
+    long = tok.decode(ids[:limit - 20])
+    assert len(tok(long, add_special_tokens=False)["input_ids"]) < limit - 2
+    r = client.completions.create(model="auto", prompt=long, max_tokens=2, temperature=0)
+    assert r.model_extra["t2"]["label"] in LABELS
+    assert r.usage.model_extra["dispatch_tokens"] <= live.engine.max_model_len
