@@ -109,9 +109,14 @@ def test_unknown_expert_is_an_openai_error_and_not_a_crash(vllm_live):
     with httpx.Client(base_url=vllm_live.url, timeout=60) as http:
         r = http.post("/v1/chat/completions", json={"model": "auto", "messages": MSG, "t2": {"experts": {"nope": 1}}})
         assert r.status_code == 400 and r.json()["error"]["param"] == "t2.experts"
-        # a first pass longer than the model's context: vLLM refuses it, we answer an OpenAI 400, not a 500
+        # a question whose classification prompt would not fit the context: serving cuts it, vLLM accepts it
         r = http.post("/v1/chat/completions", json={"model": "auto", "messages": [
             {"role": "user", "content": "word " * 150}], "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["dispatch_tokens"] <= vllm_live.engine.max_model_len
+        # a prompt longer than the context: an OpenAI 400, not a 500
+        r = http.post("/v1/chat/completions", json={"model": "auto", "messages": [
+            {"role": "user", "content": "word " * 600}], "max_tokens": 2})
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
         assert http.get("/health").json()["status"] == "ok"
 
