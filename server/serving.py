@@ -77,6 +77,7 @@ class _Track:
 class Serving:
     def __init__(self, engine: Engine, config: ServerConfig, metrics: Metrics | None = None):
         self.engine, self.config, self.metrics = engine, config, metrics
+        self._label_overhead: int | None = None
 
     # ---- catalogue ----------------------------------------------------------------------------------
     @property
@@ -209,8 +210,9 @@ class Serving:
     def _label_request(self, question: str, adaptation: Adaptation) -> ScoreRequest:
         # the first pass must fit the model too: a question longer than the room left is cut (its head
         # is what classifies it)
-        room = self.engine.max_model_len - len(self._tokenize(
-            self._chat_template(classification_messages(""), ANSWER_PREFIX))) - 16
+        if self._label_overhead is None:      # tokens of the classification prompt around the question
+            self._label_overhead = len(self._tokenize(self._chat_template(classification_messages(""), ANSWER_PREFIX)))
+        room = self.engine.max_model_len - self._label_overhead - 16
         q_ids = self._tokenize(question)
         if len(q_ids) > room:
             question = self.engine.tokenizer.decode(q_ids[:max(0, room)])
