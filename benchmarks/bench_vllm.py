@@ -27,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -38,6 +37,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 import httpx  # noqa: E402
 import torch  # noqa: E402
 from openai import AsyncOpenAI  # noqa: E402
+
+from server.api.live import LiveServer  # noqa: E402
 
 PROMPTS = ["What is 12 * 7?", "Write a haiku about the sea.", "Name three prime numbers.",
            "Explain photosynthesis in one sentence.", "Write a Python function that reverses a string.",
@@ -62,31 +63,6 @@ def make_experts(model_dir: Path, out: Path) -> list[str]:
         random_expert(name, ranks, 0.3, seed, label=label, base_model=model_dir.name,
                       base_fingerprint=fp).save(out / f"{name}.safetensors")
     return ["math", "code", "reasoning"]
-
-
-class OurServer:
-    """The real app (create_app) under uvicorn in a thread."""
-
-    def __init__(self, config):
-        import uvicorn
-        from server.api.app import create_app
-        self.app = create_app(config)
-        self.url = f"http://127.0.0.1:{config.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=config.port,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        while not self.server.started:
-            if not self.thread.is_alive():
-                raise RuntimeError("our server did not start")
-            time.sleep(0.1)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(60)
 
 
 class PlainVLLM:
@@ -205,7 +181,7 @@ def main() -> None:
     cfg = ServerConfig(model=model_dir, experts=tmp, engine="vllm", dtype=args.dtype, cache_dir=cache,
                        port=free_port(), max_batch=max_batch, max_wait_ms=args.max_wait_ms, log_level="warning")
     t0 = time.perf_counter()
-    with OurServer(cfg) as ours:
+    with LiveServer(cfg, stop_timeout=60) as ours:
         results["ours_start_s"] = round(time.perf_counter() - t0, 1)
         results["swap"] = asyncio.run(swap_and_decode(ours.url, name, experts[0]))
         log(swap=results["swap"])

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -20,6 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from experts.expert import random_expert  # noqa: E402
 from experts.svd import model_fingerprint, model_ranks  # noqa: E402
+from server.api.live import LiveServer  # noqa: E402
 from tests.tiny_model import build_tiny_llama  # noqa: E402
 
 TEST_EXPERTS = {"math": ("math", 1), "code": ("code", 2), "reasoning": ("reasoning", 3), "clf": ("classifier", 4)}
@@ -48,36 +47,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class LiveServer:
-    """The real app under uvicorn in a thread, on a loopback port."""
-
-    def __init__(self, config):
-        import uvicorn
-        from server.api.app import create_app
-        self.app = create_app(config)
-        self.url = f"http://127.0.0.1:{config.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=config.port,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> "LiveServer":
-        self.thread.start()
-        deadline = time.monotonic() + 300
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-
-    @property
-    def engine(self):
-        return self.app.state.engine
 
 
 def serve(model_dir: Path, experts_dir: Path | None, cache_dir: Path, **overrides) -> LiveServer:
