@@ -41,7 +41,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # as vLLM: temperatures below 1e-5 are greedy (dividing logits by a denormal gives inf/NaN)
+        return self.temperature < 1e-5
 
 
 @dataclass

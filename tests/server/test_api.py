@@ -182,3 +182,12 @@ def test_first_pass_fits_the_context_even_for_a_long_question(client, live):
     r = client.completions.create(model="auto", prompt=long, max_tokens=2, temperature=0)
     assert r.model_extra["t2"]["label"] in LABELS
     assert r.usage.model_extra["dispatch_tokens"] <= live.engine.max_model_len
+
+
+def test_a_tiny_temperature_is_greedy_not_a_fault(client, live):
+    """Found by the schema fuzzer: temperature 5e-324 made the logits inf/NaN and failed the batch."""
+    greedy = client.chat.completions.create(model="tiny-llama", messages=MSG, max_tokens=6, temperature=0)
+    tiny = client.chat.completions.create(model="tiny-llama", messages=MSG, max_tokens=6, temperature=5e-324,
+                                          top_p=5e-324)
+    assert tiny.choices[0].message.content == greedy.choices[0].message.content
+    assert live.engine.health()["status"] == "ok"
