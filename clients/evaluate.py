@@ -7,6 +7,9 @@ the answer with the task's own grader, and report:
 - accuracy with a 95 % Wilson interval (a miniature of the paper's Tables 1 and 2);
 - routing accuracy of the strategies (the first pass's label vs the task's label);
 - first-pass vs second-pass time (Table 3), from the `t2` report and the wall time.
+With `own_task`, an expert is only run on the tasks of its label and a profile only on the task it was made
+for (Table 1 of the paper is that diagonal); base and strategies always run on every task. Cells not run
+are left out of the JSON and shown as "—".
 Writes `eval.json`, `eval.md` (tables) and `eval.png` (accuracy with intervals) to the output folder.
 Evaluating through HTTP measures what users get: dispatch, scheduling and patching included.
 """
@@ -50,36 +53,60 @@ class Cell:
 
 def variants(models: list[dict[str, Any]]) -> dict[str, tuple[str, dict]]:
     """{display name: (model id, extra body)} from /v1/models."""
+    return {name: (model, extra) for name, (model, extra, _) in _offered(models).items()}
+
+
+def _offered(models: list[dict[str, Any]]) -> dict[str, tuple[str, dict, tuple[str, str] | None]]:
+    """{display name: (model id, extra body, scope)}; scope ("label", x) for an expert, ("task", x) for a
+    profile that names its task, None for the base and the strategies."""
     base = next(m["id"] for m in models if (m.get("t2") or {}).get("kind") == "base")
-    out: dict[str, tuple[str, dict]] = {"base": (base, {})}
+    out: dict[str, tuple[str, dict, tuple[str, str] | None]] = {"base": (base, {}, None)}
     labels = {}
     for m in models:
         t2 = m.get("t2") or {}
         if t2.get("kind") == "expert":
-            labels[t2.get("label")] = True
-            if t2.get("label") != "classifier":
-                out[m["id"].split(":", 1)[1]] = (m["id"], {})
-    out["T2 prompt"] = ("auto", {"t2": {"dispatch": "prompt"}})
+            label = t2.get("label")
+            labels[label] = True
+            if label == "classifier":
+                continue
+            scope: tuple[str, str] | None = ("label", label)
+            if label == "profile":
+                try:
+                    task = json.loads(t2.get("description") or "{}").get("task")
+                except (ValueError, AttributeError):
+                    task = None
+                scope = ("task", task) if task else None
+            out[m["id"].split(":", 1)[1]] = (m["id"], {}, scope)
+    out["T2 prompt"] = ("auto", {"t2": {"dispatch": "prompt"}}, None)
     if labels.get("classifier"):
-        out["T2 classifier"] = ("auto", {"t2": {"dispatch": "classifier"}})
+        out["T2 classifier"] = ("auto", {"t2": {"dispatch": "classifier"}}, None)
     return out
 
 
+def _runs_on(scope: tuple[str, str] | None, task: Any, label: str) -> bool:
+    if scope is None:
+        return True
+    kind, value = scope
+    return value == (label if kind == "label" else task.name)
+
+
 async def evaluate(url: str, tasks: list[tuple[Any, str]], limit: int, max_tokens: int, concurrency: int,
-                   api_key: str | None = None, progress: bool = True) -> list[Cell]:
+                   api_key: str | None = None, progress: bool = True, own_task: bool = False) -> list[Cell]:
     """1. what the server offers; 2. every (task, variant, example) as a greedy request; 3. grade."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(base_url=url, timeout=600, headers=headers) as client:
         r = await client.get("/v1/models")
         r.raise_for_status()
-        offered = variants(r.json()["data"])
+        offered = _offered(r.json()["data"])
         sem = asyncio.Semaphore(concurrency)
-        cells = {(t.name, v): Cell(t.name, v) for t, _ in tasks for v in offered}
-        done, total = 0, sum(min(limit, len(t.examples)) for t, _ in tasks) * len(offered)
+        pairs = [(t, label, v) for t, label in tasks for v, (_, _, scope) in offered.items()
+                 if not own_task or _runs_on(scope, t, label)]
+        cells = {(t.name, v): Cell(t.name, v) for t, _, v in pairs}
+        done, total = 0, sum(min(limit, len(t.examples)) for t, _, _ in pairs)
 
         async def one(task: Any, label: str, variant: str, example: Any) -> None:
             nonlocal done
-            model, extra = offered[variant]
+            model, extra, _ = offered[variant]
             body = {"model": model, "messages": task.messages(example), "temperature": 0,
                     "max_tokens": max_tokens, **extra}
             async with sem:
@@ -100,8 +127,7 @@ async def evaluate(url: str, tasks: list[tuple[Any, str]], limit: int, max_token
             if progress and (done % 10 == 0 or done == total):
                 print(f"eval {done}/{total}", flush=True)
 
-        await asyncio.gather(*(one(t, label, v, e) for t, label in tasks for v in offered
-                               for e in t.examples[:limit]))
+        await asyncio.gather(*(one(t, label, v, e) for t, label, v in pairs for e in t.examples[:limit]))
     return list(cells.values())
 
 
@@ -122,7 +148,10 @@ def report(cells: list[Cell], out_dir: Path, command: str = "") -> Path:
     for v in names:
         row = []
         for t in tasks:
-            c = by[(t, v)]
+            c = by.get((t, v))
+            if c is None:
+                row.append("—")
+                continue
             lo, hi = c.wilson()
             row.append(f"{100 * c.acc:.1f} [{100 * lo:.0f}, {100 * hi:.0f}] (n={c.n})")
         lines.append(f"| {v} | " + " | ".join(row) + " |")
@@ -144,10 +173,12 @@ def report(cells: list[Cell], out_dir: Path, command: str = "") -> Path:
         fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(tasks), 3.5))
         width = 0.8 / max(1, len(names))
         for i, v in enumerate(names):
-            accs = [by[(t, v)].acc * 100 for t in tasks]
-            lo = [a - by[(t, v)].wilson()[0] * 100 for a, t in zip(accs, tasks)]
-            hi = [by[(t, v)].wilson()[1] * 100 - a for a, t in zip(accs, tasks)]
-            ax.bar([k + i * width for k in range(len(tasks))], accs, width, yerr=[lo, hi], capsize=2, label=v)
+            ks = [k for k, t in enumerate(tasks) if (t, v) in by]
+            cs = [by[(tasks[k], v)] for k in ks]
+            accs = [c.acc * 100 for c in cs]
+            lo = [a - c.wilson()[0] * 100 for a, c in zip(accs, cs)]
+            hi = [c.wilson()[1] * 100 - a for a, c in zip(accs, cs)]
+            ax.bar([k + i * width for k in ks], accs, width, yerr=[lo, hi], capsize=2, label=v)
         ax.set_xticks([k + width * (len(names) - 1) / 2 for k in range(len(tasks))], tasks)
         ax.set_ylabel("accuracy (%)")
         ax.legend(fontsize=7)

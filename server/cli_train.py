@@ -48,7 +48,8 @@ def _run(name: str, label: str, task, valid_size: int, model: Optional[Path], ou
     # 2. split
     if len(task.examples) <= valid_size:
         _fail(ValueError(f"{len(task.examples)} examples: need more than --valid-size {valid_size}"))
-    valid, train = task.split(valid_size)
+    valid = task.subset(slice(0, valid_size), f"{task.name}-valid")
+    train = task.subset(slice(valid_size, None), f"{task.name}-train")
     # 3. train
     run_dir = run_dir or Path("runs") / name
     config = TrainConfig(**cfg)
@@ -77,6 +78,7 @@ def register(app: typer.Typer) -> None:
         device=typer.Option("auto", help="auto | cpu | cuda"),
         steps=typer.Option(50), batch_size=typer.Option(8), lr=typer.Option(2e-3), kl_coef=typer.Option(0.0),
         grad_clip=typer.Option(1e-3), max_new_tokens=typer.Option(96), temperature=typer.Option(0.0),
+        baseline=typer.Option(True, help="Subtract the batch mean reward (--no-baseline: the reference)."),
         val_every=typer.Option(10), val_size=typer.Option(64), seed=typer.Option(0),
     )
 
@@ -92,6 +94,7 @@ def register(app: typer.Typer) -> None:
               steps: int = common["steps"], batch_size: int = common["batch_size"], lr: float = common["lr"],
               kl_coef: float = common["kl_coef"], grad_clip: float = common["grad_clip"],
               max_new_tokens: int = common["max_new_tokens"], temperature: float = common["temperature"],
+              baseline: bool = common["baseline"],
               val_every: int = common["val_every"], val_size: int = common["val_size"],
               seed: int = common["seed"]) -> None:
         """Train an SVF expert on a task with REINFORCE (reward ±1, optional KL penalty)."""
@@ -103,7 +106,7 @@ def register(app: typer.Typer) -> None:
         try:
             _run(name, label, t, valid_size, model, out, run_dir, attention, device, description,
                  steps=steps, batch_size=batch_size, lr=lr, kl_coef=kl_coef, grad_clip=grad_clip,
-                 max_new_tokens=max_new_tokens, temperature=temperature, val_every=val_every,
+                 max_new_tokens=max_new_tokens, temperature=temperature, baseline=baseline, val_every=val_every,
                  val_size=val_size, seed=seed)
         except ExpertError as e:
             _fail(e)
@@ -112,7 +115,9 @@ def register(app: typer.Typer) -> None:
     def fewshot(name: str = typer.Argument(..., help="Profile name (served as <base>:<name>)."),
                 task: str = typer.Option(..., help="gsm8k | math | arc | mbpp | humaneval"),
                 data: Optional[Path] = typer.Option(None, help="JSONL file of that format."),
-                shots: int = typer.Option(10, help="Labelled examples to search on (the first N)."),
+                shots: int = typer.Option(10, help="Labelled examples to search on (N from --offset)."),
+                offset: int = typer.Option(0, help="Index of the first shot (keep the shots out of what you "
+                                           "evaluate on: `t2 eval` uses the first --limit examples)."),
                 experts: Optional[Path] = typer.Option(None, help="Experts to mix (default: the embedded ones)."),
                 per_matrix: bool = typer.Option(False, help="One weight per expert per matrix (the "
                                                 "reference's per_layer) instead of one per expert."),
@@ -152,7 +157,8 @@ def register(app: typer.Typer) -> None:
         lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev)
         cfg = CEMConfig(population=population, elite_ratio=elite_ratio, iterations=iterations, init_std=init_std,
                         seed=seed)
-        profile, result = fewshot_profile(lm, tok, factors, pool, t.subset(range(min(shots, len(t)))), name,
+        shots_task = t.subset(range(offset, min(offset + shots, len(t))))
+        profile, result = fewshot_profile(lm, tok, factors, pool, shots_task, name,
                                           per_matrix=per_matrix, config=cfg, max_new_tokens=max_new_tokens)
         path = profile.save(out / f"{name}.safetensors")
         typer.echo(f"wrote {path}: accuracy on the shots {result.score[0]:.3f} after {result.evaluations} "
@@ -164,6 +170,8 @@ def register(app: typer.Typer) -> None:
                                              "code:humaneval (repeat)"),
               limit: int = typer.Option(50, help="Examples per task."),
               max_tokens: int = typer.Option(256), concurrency: int = typer.Option(8),
+              own_task: bool = typer.Option(False, help="Run each expert only on the tasks of its label and "
+                                            "each profile only on its own task (base and strategies on all)."),
               api_key: Optional[str] = typer.Option(None, envvar="T2_API_KEY"),
               out: Path = typer.Option(Path("eval"), help="Folder for eval.md / eval.json / eval.png.")) -> None:
         """Accuracy (95 % CI) of base, experts, profiles and dispatch strategies; routing; two-pass cost."""
@@ -179,7 +187,7 @@ def register(app: typer.Typer) -> None:
                 tasks.append((t, label))
         except (ValueError, OSError) as e:
             _fail(e)
-        cells = asyncio.run(evaluate(url, tasks, limit, max_tokens, concurrency, api_key))
+        cells = asyncio.run(evaluate(url, tasks, limit, max_tokens, concurrency, api_key, own_task=own_task))
         md = report(cells, out, " ".join(["t2"] + sys.argv[1:]))
         typer.echo(md.read_text())
 
@@ -195,7 +203,8 @@ def register(app: typer.Typer) -> None:
                          steps: int = common["steps"], batch_size: int = common["batch_size"],
                          lr: float = common["lr"], kl_coef: float = common["kl_coef"],
                          grad_clip: float = common["grad_clip"], max_new_tokens: int = typer.Option(24),
-                         temperature: float = common["temperature"], val_every: int = common["val_every"],
+                         temperature: float = common["temperature"], baseline: bool = common["baseline"],
+                         val_every: int = common["val_every"],
                          val_size: int = common["val_size"], seed: int = common["seed"]) -> None:
         """Train the classification expert: the dispatch prompt answered with each source's label."""
         from dataclasses import replace
@@ -212,5 +221,6 @@ def register(app: typer.Typer) -> None:
             _fail(e)
         _run(name, "classifier", t, valid_size, model, out, run_dir, attention, device, description,
              steps=steps, batch_size=batch_size, lr=lr, kl_coef=kl_coef, grad_clip=grad_clip,
-             max_new_tokens=max_new_tokens, temperature=temperature, val_every=val_every, val_size=val_size,
+             max_new_tokens=max_new_tokens, temperature=temperature, baseline=baseline, val_every=val_every,
+             val_size=val_size,
              seed=seed)

@@ -27,3 +27,33 @@ def test_eval_reports_every_variant_with_intervals_and_routing(live, tmp_path):
             assert x["first_pass_ms"] > 0 and x["second_pass_ms"] > 0
     md = (tmp_path / "eval" / "eval.md").read_text()
     assert "routing accuracy" in md and "| T2 classifier |" in md
+
+
+def test_eval_own_task_runs_experts_on_their_label_and_profiles_on_their_task(live, tmp_path):
+    from experts.tasks.generate import write
+    write("arithmetic", tmp_path / "math.jsonl", 6, seed=0)
+    write("choice", tmp_path / "arc.jsonl", 6, seed=0)
+    r = CliRunner().invoke(app, ["eval", "--url", live.url, "--task", f"math:gsm8k:{tmp_path / 'math.jsonl'}",
+                                 "--task", f"reasoning:arc:{tmp_path / 'arc.jsonl'}", "--limit", "2",
+                                 "--max-tokens", "4", "--own-task", "--out", str(tmp_path / "eval")])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    ran = {(x["task"], x["variant"]) for x in rows}
+    everywhere = {"base", "T2 prompt", "T2 classifier"}
+    assert ran == {(t, v) for t in ("math", "arc") for v in everywhere} | {("math", "math"), ("arc", "reasoning")}
+    md = (tmp_path / "eval" / "eval.md").read_text()
+    assert "| math | " in md and " | — |" in md and "| code |" not in md    # code: no task has its label
+
+
+def test_a_profile_is_scoped_to_the_task_it_was_made_for():
+    from clients.evaluate import _offered, _runs_on
+    from experts.tasks.base import Example, Task
+    models = [{"id": "m", "t2": {"kind": "base"}}, {"id": "auto", "t2": {"kind": "auto"}},
+              {"id": "m:he", "t2": {"kind": "expert", "label": "profile", "description": '{"task": "humaneval"}'}},
+              {"id": "m:old", "t2": {"kind": "expert", "label": "profile", "description": "not json"}}]
+    offered = _offered(models)
+    grade = lambda text, example: True
+    he, gsm = Task("humaneval", "code", [Example("p", "a")], grade), Task("gsm", "math", [Example("p", "a")], grade)
+    assert _runs_on(offered["he"][2], he, "code") and not _runs_on(offered["he"][2], gsm, "math")
+    assert _runs_on(offered["old"][2], gsm, "math")          # a profile that names no task runs everywhere
+    assert "T2 classifier" not in offered                      # no classification expert, no such strategy

@@ -47,7 +47,7 @@ def fewshot_profile(model: Any, tokenizer: Any, factors: Mapping[str, Factors], 
     # 3. profile
     z = mixed_z(space, experts, result.alpha)
     table = space.weights(result.alpha)
-    desc = {"experts": list(space.experts), "per_matrix": per_matrix, "shots": len(shots.examples),
+    desc = {"task": shots.name, "experts": list(space.experts), "per_matrix": per_matrix, "shots": len(shots.examples),
             "accuracy_on_shots": result.score[0], "weights": table["*"] if not per_matrix else "per matrix"}
     any_expert = next(iter(experts.values()))
     profile = Expert(name=name, z={n: t.float().cpu() for n, t in z.items()}, label=PROFILE_LABEL,

@@ -64,3 +64,17 @@ def test_kl_penalty_and_resume(setup, tmp_path):
     assert again.step_no == 5 and all(torch.equal(a, b.detach()) for a, b in zip(p5, again.policy.p))
     again.fit(progress=False)
     assert again.step_no == 7 and [h["step"] for h in again.history][-2:] == [6, 7]
+
+
+def test_the_mean_baseline_gives_no_update_when_every_answer_is_wrong(setup, tmp_path):
+    """All rewards −1: the reference's estimator still pushes (down) on what the model said; ours does not."""
+    from dataclasses import replace
+    model, tok, factors, fp, (train, valid) = setup
+    hopeless = replace(train, grader=lambda text, example: False)
+    rows = {}
+    for baseline in (True, False):
+        t = Trainer(model, tok, factors, hopeless, valid, TrainConfig(steps=2, batch_size=4, max_new_tokens=2,
+                    baseline=baseline), tmp_path / f"run-{baseline}", expert_name="x", label="test")
+        rows[baseline] = [t.step() for _ in range(2)]
+    assert all(r["reward"] == -1 and r["grad_norm"] == 0 and r["loss"] == 0 for r in rows[True])
+    assert all(r["reward"] == -1 and r["grad_norm"] > 0 for r in rows[False])
