@@ -44,7 +44,7 @@ train reasoning $T2 train reasoning --task arc --data "$DATA/reasoning_train.jso
 # 3. the classification expert (the dispatch prompt answered with each source's label)
 train classifier $T2 train-classifier classifier --source "math:gsm8k:$DATA/math_train.jsonl" \
     --source "code:mbpp:$DATA/code_train.jsonl" --source "reasoning:arc:$DATA/reasoning_train.jsonl" \
-    --max-new-tokens 24
+    --max-new-tokens 4
 wait
 tail -n 1 runs/{math,code,reasoning,classifier}/train.out
 

@@ -7,7 +7,9 @@ Contract:
 - `Task` bundles a name, a `label` (the expert family it trains: math, code, reasoning), its examples, a
   grader `(completion, example) -> bool` and an instruction appended to each prompt. `correct` grades one
   completion; `reward` maps it to +1 / −1 (the paper's reward, no baseline); `messages` builds the chat
-  messages a model answers. Graders never raise on malformed completions: anything unparsable is wrong.
+  messages a model answers; `answer_prefix` is text the answer is forced to start with (the model continues
+  it; the completion graded excludes it), as the server's first pass forces `Classification: \\boxed{`.
+  Graders never raise on malformed completions: anything unparsable is wrong.
 - `read_jsonl` / `write_jsonl` are the only file I/O: UTF-8, one JSON object per line, blank lines skipped,
   a bad line raises ValueError naming the file and the line number.
 """
@@ -42,6 +44,7 @@ class Task:
     grader: Grader
     instruction: str = ""               # appended to every prompt, after a blank line
     system: str | None = None           # optional system message
+    answer_prefix: str = ""             # the start of the assistant's answer, given, not generated
 
     def __len__(self) -> int:
         return len(self.examples)

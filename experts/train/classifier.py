@@ -2,8 +2,9 @@
 
 Contract: `classification_task(tasks)` turns labelled tasks (each with `.label` in code / math / reasoning /
 other and examples with a `.prompt`) into one Task whose examples ask the paper's classification prompt
-(experts.dispatch: system prompt + "Question: ...") and whose grader is right iff the first `\\boxed{}` of
-the answer names that label. Trained with the same REINFORCE recipe, the result is the `classifier` expert
+(experts.dispatch: system prompt + "Question: ...") with the answer started as the server's first pass
+starts it (`ANSWER_PREFIX`, "Classification: \\boxed{"), so training shapes exactly the choice the server
+scores; the grader is right iff the completion closes that box with the label. Trained with the same REINFORCE recipe, the result is the `classifier` expert
 the `classifier` dispatch strategy patches in for the first pass. Examples are interleaved per label so that
 a prefix of the task (a batch, a validation split) is balanced.
 """
@@ -14,12 +15,12 @@ import itertools
 import random
 from typing import Iterable
 
-from experts.dispatch import LABELS, SYSTEM_PROMPT, classification_messages, parse_label
+from experts.dispatch import ANSWER_PREFIX, LABELS, SYSTEM_PROMPT, classification_messages, parse_label
 from experts.tasks.base import Example, Task
 
 
 def _grade(completion: str, example: Example) -> bool:
-    return parse_label(completion) == example.answer
+    return parse_label(ANSWER_PREFIX + completion) == example.answer
 
 
 def classification_task(tasks: Iterable[Task], seed: int = 0, name: str = "classifier") -> Task:
@@ -34,4 +35,4 @@ def classification_task(tasks: Iterable[Task], seed: int = 0, name: str = "class
     for exs in per_label.values():
         rng.shuffle(exs)
     mixed = [e for group in itertools.zip_longest(*per_label.values()) for e in group if e is not None]
-    return Task(name, "classifier", mixed, _grade, system=SYSTEM_PROMPT)
+    return Task(name, "classifier", mixed, _grade, system=SYSTEM_PROMPT, answer_prefix=ANSWER_PREFIX)

@@ -3,6 +3,7 @@
 Contract:
 - `patched_weights(base, factors, z)` gives W' = W + Δ(z) per matrix (differentiable in z; fp32 delta cast
   to the weight dtype) — the formula of experts.patch, for code that needs W' as values, not in place.
+- `Rollouts.prompts(examples, task)` are the chat-formatted prompts, ending with the task's `answer_prefix`.
 - `Rollouts.generate(prompts, weights)` answers chat-formatted prompts (left-padded batch, greedy unless a
   temperature is set) with `weights` written into the model for the call and the base restored after, even
   on error. `token_logprobs(enc, completion_ids, weights)` recomputes the completion's log-probs with the
@@ -41,7 +42,8 @@ class Rollouts:
         self.tok.padding_side = "left"
 
     def prompts(self, examples: Sequence[Any], task: Any) -> list[str]:
-        return [self.tok.apply_chat_template(task.messages(e), add_generation_prompt=True, tokenize=False)
+        prefix = getattr(task, "answer_prefix", "")
+        return [self.tok.apply_chat_template(task.messages(e), add_generation_prompt=True, tokenize=False) + prefix
                 for e in examples]
 
     @torch.no_grad()
