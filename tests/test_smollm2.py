@@ -9,17 +9,17 @@ from openai import OpenAI
 
 from experts.dispatch import LABELS
 from server.default_model import DEFAULT_MODEL_NAME, default_cache_dir, ensure_default_model
-from tests.conftest import make_experts, serve
+from tests.conftest import serve
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smol(tmp_path_factory):
+def smol():
+    """`t2 serve` with no flags: the embedded model and the expert set shipped in experts/data/."""
     cache = default_cache_dir()          # shared with `t2 serve`: conversion and SVD happen once
-    model_dir = ensure_default_model(cache)
-    experts = make_experts(model_dir, tmp_path_factory.mktemp("smol-experts"), scale=0.3)
-    with serve(None, experts, cache) as s:
+    ensure_default_model(cache)
+    with serve(None, None, cache) as s:
         yield s, OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=300)
 
 
@@ -51,3 +51,18 @@ def test_default_model_streams(smol):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip() and chunks[-1].usage.completion_tokens <= 12
     assert chunks[-1].model_extra["t2"]["label"] in LABELS
+
+
+def test_the_shipped_expert_set_is_served_by_default(smol):
+    live, client = smol
+    cards = {m.id: m.model_extra["t2"] for m in client.models.list()}
+    labels = {c["label"] for c in cards.values() if c["kind"] == "expert"}
+    assert labels >= {"math", "code", "reasoning", "classifier", "profile"}
+    assert cards[f"{DEFAULT_MODEL_NAME}:humaneval-fewshot"]["label"] == "profile"
+    # the trained classification expert routes clear questions of each family to that family's expert
+    for question, label in (("Tom has 12 apples and eats 5. How many apples does Tom have left?", "math"),
+                            ("Write a Python function that returns the reverse of a list.", "code")):
+        r = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": question}],
+                                           temperature=0, max_tokens=4, extra_body={"t2": {"dispatch": "classifier"}})
+        t2 = r.model_extra["t2"]
+        assert t2["strategy"] == "classifier" and t2["label"] == label and t2["mix"] == {label: 1.0}
