@@ -57,8 +57,7 @@ def test_the_shipped_expert_set_is_served_by_default(smol):
     live, client = smol
     cards = {m.id: m.model_extra["t2"] for m in client.models.list()}
     labels = {c["label"] for c in cards.values() if c["kind"] == "expert"}
-    assert labels >= {"math", "code", "reasoning", "classifier", "profile"}
-    assert cards[f"{DEFAULT_MODEL_NAME}:humaneval-fewshot"]["label"] == "profile"
+    assert labels >= {"math", "code", "reasoning", "classifier"}
     # the trained classification expert routes clear questions of each family to that family's expert
     for question, label in (("Tom has 12 apples and eats 5. How many apples does Tom have left?", "math"),
                             ("Write a Python function that returns the reverse of a list.", "code")):
