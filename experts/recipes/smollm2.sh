@@ -49,8 +49,9 @@ wait
 tail -n 1 runs/{math,code,reasoning,classifier}/train.out
 
 # 4. few-shot adaptation for a task no expert was trained on (HumanEval): CEM over the three experts' weights
-#    on 8 problems from the end of the set (the evaluation uses the first --limit ones); saved as a profile
-$T2 fewshot humaneval-fewshot --task humaneval --shots 8 --offset 150 --population 6 --iterations 3 \
+#    on 8 problems from the end of the set (the evaluation uses the first --limit ones); saved as a profile.
+#    6 × 2 = 12 evaluations (about a minute each here) against the paper's population 32 for up to 50 iterations
+$T2 fewshot humaneval-fewshot --task humaneval --shots 8 --offset 150 --population 6 --iterations 2 \
     --max-new-tokens 160 --out "$OUT" 2>&1 | tee runs/fewshot.out | tail -n 1
 
 # 5. evaluation through the server, which loads the experts above by default: each expert on the tasks of its

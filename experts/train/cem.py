@@ -4,8 +4,10 @@ Contract:
 - `cem(objective, dim, config)` maximises `objective(α) -> (score, tiebreak)` over α ∈ [0, 1]^dim, compared
   lexicographically (the paper: score = accuracy on the shots, tiebreak = mean log-likelihood of the correct
   answers). Each iteration samples `population` vectors α ~ N(μ, σ) clamped to [0, 1], evaluates them,
-  refits μ and σ (per coordinate) to the best `int(population · elite_ratio)` (at least 1) and keeps the best
-  α ever evaluated, which is what it returns (not μ). Defaults follow the paper/reference: population 32,
+  refits μ and σ (per coordinate) to the best `int(population · elite_ratio)` (at least 2 where the population
+  allows: the std of a single elite is 0, which would end the exploration after one iteration) and keeps the
+  best α ever evaluated, which is what it returns (not μ). Once σ is 0 in every coordinate (a collapsed
+  search with `min_std` 0) every further sample would be μ again, so the search stops there. Defaults follow the paper/reference: population 32,
   elite ratio 0.2, initial σ 0.5; μ starts at `init_mean` (0.5 in every coordinate unless given). The
   sampler is `numpy.random.default_rng(seed)`: the same seed and objective give the same search.
   `progress(it)` is called after every iteration with a `CEMIteration`; `log=True` also prints one line per
@@ -57,7 +59,7 @@ class CEMConfig:
 
     @property
     def n_elite(self) -> int:
-        return max(1, int(self.population * self.elite_ratio))
+        return min(self.population, max(2, int(self.population * self.elite_ratio)))
 
 
 @dataclass(frozen=True)
@@ -120,8 +122,10 @@ def cem(objective: Objective, dim: int, config: CEMConfig = CEMConfig(),
             print(f"cem {it:3d}/{config.iterations}  best {best[0]:.4f} ({best[1]:+.4f})  "
                   f"elite {rec.elite_mean_score:.4f}  pop {rec.population_mean_score:.4f}  "
                   f"σ̄ {float(sigma.mean()):.3f}  {rec.seconds:.1f}s", file=sys.stderr, flush=True)
-        # 5. stop early when the target is reached
+        # 5. stop early when the target is reached, or when σ collapsed (every further sample would be μ)
         if config.stop_score is not None and best[0] >= config.stop_score:
+            break
+        if float(sigma.max()) == 0.0:
             break
     return CEMResult(best_alpha, best, evals, history)
 
