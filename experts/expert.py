@@ -55,6 +55,7 @@ class Expert:
                 "base_fingerprint": self.base_fingerprint}
         save_file({k: v.detach().to(torch.float32).contiguous().cpu() for k, v in self.z.items()},
                   str(path), metadata=meta)
+        path.chmod(0o644)       # safetensors writes 0600: a server running as another user could not read it
         self.path = path
         return path
 

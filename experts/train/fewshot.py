@@ -11,6 +11,7 @@ The profile's description records the experts and weights it was mixed from.
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any, Mapping
 
 import numpy as np
@@ -35,12 +36,19 @@ def fewshot_profile(model: Any, tokenizer: Any, factors: Mapping[str, Factors], 
     space = MixSpace.of(experts, per_matrix)
     answers = [str(e.metadata.get("solution") or e.answer) for e in shots.examples]
 
+    calls = 0
+
     def objective(alpha: np.ndarray) -> tuple[float, float]:
+        nonlocal calls
         z = mixed_z(space, experts, alpha)
         with torch.no_grad():
             w = patched_weights(base, factors, z) if z else None
-            return (rollouts.accuracy(shots, w),
-                    rollouts.answer_loglik(shots, shots.examples, w, answers))
+            score = (rollouts.accuracy(shots, w), rollouts.answer_loglik(shots, shots.examples, w, answers))
+        calls += 1
+        if log:                 # one evaluation is len(shots) generations: minutes on a CPU, so say each one
+            print(f"cem evaluation {calls}/{config.population * config.iterations}  accuracy {score[0]:.3f}  "
+                  f"loglik {score[1]:+.4f}", file=sys.stderr, flush=True)
+        return score
 
     # 2. search
     result = cem(objective, space.dim, config, log=log)

@@ -56,6 +56,12 @@ def test_save_adds_the_suffix(tmp_path):
     assert Expert.load(tmp_path / "math.safetensors").name == "math"
 
 
+def test_saved_experts_are_readable_by_other_users(tmp_path):
+    # a server in a container often runs as another user than the one who trained the expert
+    path = Expert(name="m", z={GATE0: _ok_z()}).save(tmp_path / "m")
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
 def test_save_keeps_dotted_names(tmp_path):
     e = Expert(name="math-v1.5", z={GATE0: _ok_z()})
     path = e.save(tmp_path / "math-v1.5")
