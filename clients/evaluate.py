@@ -6,11 +6,17 @@ dispatch strategies `prompt` and `classifier` on `auto` — send each example as
 the answer with the task's own grader, and report:
 - accuracy with a 95 % Wilson interval (a miniature of the paper's Tables 1 and 2);
 - routing accuracy of the strategies (the first pass's label vs the task's label);
-- first-pass vs second-pass time (Table 3), from the `t2` report and the wall time.
+- first-pass vs second-pass time (Table 3): a separate phase after the accuracy one sends `timing` examples
+  per task and strategy one at a time, so that the times are the passes' own cost (under the concurrent
+  accuracy phase both passes mostly wait in the queue). First pass = the `t2` report's `first_pass_ms`;
+  second pass = the request's wall time minus it (patch + generation); patch = the report's `patch_ms`.
+With `limit` 0 only the timing phase runs.
 With `own_task`, an expert is only run on the tasks of its label and a profile only on the task it was made
 for (Table 1 of the paper is that diagonal); base and strategies always run on every task. Cells not run
 are left out of the JSON and shown as "—".
-Writes `eval.json`, `eval.md` (tables) and `eval.png` (accuracy with intervals) to the output folder.
+Writes `eval.json` (every cell with its raw counts and times), `eval.md` (tables) and `eval.png` (accuracy
+with intervals) to the output folder; `load_cells(eval.json)` reads the cells back, so the report can be
+redrawn without querying the server again (`t2 eval --from-json`).
 Evaluating through HTTP measures what users get: dispatch, scheduling and patching included.
 """
 
@@ -35,8 +41,9 @@ class Cell:
     n: int = 0
     correct: int = 0
     routed: int = 0                 # first-pass label == task label (strategies only)
-    first_ms: list[float] = field(default_factory=list)
+    first_ms: list[float] = field(default_factory=list)    # timing phase (sequential requests) only
     second_ms: list[float] = field(default_factory=list)
+    patch_ms: list[float] = field(default_factory=list)
 
     @property
     def acc(self) -> float:
@@ -91,81 +98,126 @@ def _runs_on(scope: tuple[str, str] | None, task: Any, label: str) -> bool:
 
 
 async def evaluate(url: str, tasks: list[tuple[Any, str]], limit: int, max_tokens: int, concurrency: int,
-                   api_key: str | None = None, progress: bool = True, own_task: bool = False) -> list[Cell]:
-    """1. what the server offers; 2. every (task, variant, example) as a greedy request; 3. grade."""
+                   api_key: str | None = None, progress: bool = True, own_task: bool = False,
+                   timing: int = 0) -> list[Cell]:
+    """1. what the server offers; 2. every (task, variant, example) as a greedy request, `concurrency` at a
+    time, graded; 3. the timing phase: `timing` examples per (task, strategy), one request at a time."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(base_url=url, timeout=600, headers=headers) as client:
+        # 1. the variants
         r = await client.get("/v1/models")
         r.raise_for_status()
         offered = _offered(r.json()["data"])
-        sem = asyncio.Semaphore(concurrency)
         pairs = [(t, label, v) for t, label in tasks for v, (_, _, scope) in offered.items()
                  if not own_task or _runs_on(scope, t, label)]
         cells = {(t.name, v): Cell(t.name, v) for t, _, v in pairs}
+        strategies = [(t, label, v) for t, label, v in pairs if offered[v][1].get("t2")]
+        sem = asyncio.Semaphore(concurrency)
         done, total = 0, sum(min(limit, len(t.examples)) for t, _, _ in pairs)
 
-        async def one(task: Any, label: str, variant: str, example: Any) -> None:
-            nonlocal done
+        async def ask(task: Any, variant: str, example: Any) -> tuple[dict, float]:
             model, extra, _ = offered[variant]
             body = {"model": model, "messages": task.messages(example), "temperature": 0,
                     "max_tokens": max_tokens, **extra}
-            async with sem:
-                t0 = time.perf_counter()
-                resp = await client.post("/v1/chat/completions", json=body)
-                wall = (time.perf_counter() - t0) * 1e3
+            t0 = time.perf_counter()
+            resp = await client.post("/v1/chat/completions", json=body)
+            wall = (time.perf_counter() - t0) * 1e3
             resp.raise_for_status()
-            out = resp.json()
+            return resp.json(), wall
+
+        # 2. accuracy and routing
+        async def one(task: Any, label: str, variant: str, example: Any) -> None:
+            nonlocal done
+            async with sem:
+                out, _ = await ask(task, variant, example)
             cell = cells[(task.name, variant)]
             cell.n += 1
             cell.correct += task.correct(out["choices"][0]["message"]["content"] or "", example)
             rep = out.get("t2") or {}
             if rep.get("label") is not None:
                 cell.routed += rep["label"] == label
-                cell.first_ms.append(rep["first_pass_ms"])
-                cell.second_ms.append(wall - rep["first_pass_ms"])
             done += 1
             if progress and (done % 10 == 0 or done == total):
                 print(f"eval {done}/{total}", flush=True)
 
         await asyncio.gather(*(one(t, label, v, e) for t, label, v in pairs for e in t.examples[:limit]))
-    return list(cells.values())
+
+        # 3. the two passes' cost, one request at a time
+        for k, (task, _, variant) in enumerate(strategies):
+            cell = cells[(task.name, variant)]
+            for example in task.examples[:timing]:
+                out, wall = await ask(task, variant, example)
+                rep = out.get("t2") or {}
+                cell.first_ms.append(rep["first_pass_ms"])
+                cell.second_ms.append(wall - rep["first_pass_ms"])
+                cell.patch_ms.append(rep["patch_ms"])
+            if progress and timing:
+                print(f"timing {k + 1}/{len(strategies)}", flush=True)
+    return [c for c in cells.values() if c.n or c.first_ms]
+
+
+def load_cells(path: Path) -> list[Cell]:
+    """The cells of an eval.json written by `report` (older files without raw counts: counts from rates)."""
+    cells = []
+    for x in json.loads(Path(path).read_text()):
+        n = x["n"]
+        ra = x.get("routing_accuracy")
+        cells.append(Cell(x["task"], x["variant"], n, x.get("correct", round(x["accuracy"] * n)),
+                          x.get("routed", round((ra or 0) * n)), list(x.get("first_ms", [])),
+                          list(x.get("second_ms", [])), list(x.get("patch_ms", []))))
+    return cells
 
 
 def report(cells: list[Cell], out_dir: Path, command: str = "") -> Path:
     """eval.json, eval.md and eval.png in `out_dir`; returns the markdown file."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tasks = list(dict.fromkeys(c.task for c in cells))
-    names = list(dict.fromkeys(c.variant for c in cells))
-    by = {(c.task, c.variant): c for c in cells}
+    strategy = {(c.task, c.variant) for c in cells if c.variant.startswith("T2 ")}
     (out_dir / "eval.json").write_text(json.dumps([
-        {"task": c.task, "variant": c.variant, "n": c.n, "accuracy": c.acc, "ci95": c.wilson(),
-         "routing_accuracy": c.routed / c.n if c.first_ms else None,
+        {"task": c.task, "variant": c.variant, "n": c.n, "correct": c.correct, "accuracy": c.acc,
+         "ci95": c.wilson(), "routed": c.routed,
+         "routing_accuracy": c.routed / c.n if (c.task, c.variant) in strategy and c.n else None,
          "first_pass_ms": statistics.median(c.first_ms) if c.first_ms else None,
-         "second_pass_ms": statistics.median(c.second_ms) if c.second_ms else None} for c in cells], indent=1))
-    lines = [f"Made by: `{command}`\n" if command else "",
-             "## Accuracy (%, 95 % Wilson interval)\n", "| variant | " + " | ".join(tasks) + " |",
-             "|---|" + "---|" * len(tasks)]
-    for v in names:
-        row = []
-        for t in tasks:
-            c = by.get((t, v))
-            if c is None:
-                row.append("—")
-                continue
-            lo, hi = c.wilson()
-            row.append(f"{100 * c.acc:.1f} [{100 * lo:.0f}, {100 * hi:.0f}] (n={c.n})")
-        lines.append(f"| {v} | " + " | ".join(row) + " |")
-    strat = [c for c in cells if c.first_ms]
-    if strat:
-        lines += ["\n## Dispatch: routing accuracy and the cost of the two passes (median ms)\n",
-                  "| task | strategy | routing accuracy | first pass | second pass | first / second |",
-                  "|---|---|---|---|---|---|"]
-        for c in strat:
-            f, s = statistics.median(c.first_ms), statistics.median(c.second_ms)
-            lines.append(f"| {c.task} | {c.variant} | {100 * c.routed / c.n:.0f} % | {f:.0f} | {s:.0f} | "
-                         f"{f / s:.2f} |")
+         "second_pass_ms": statistics.median(c.second_ms) if c.second_ms else None,
+         "first_ms": c.first_ms, "second_ms": c.second_ms, "patch_ms": c.patch_ms} for c in cells], indent=1))
+    # 1. accuracy: variants × tasks (cells with no graded answers are not shown)
+    measured = [c for c in cells if c.n]
+    tasks = list(dict.fromkeys(c.task for c in measured))
+    names = list(dict.fromkeys(c.variant for c in measured))
+    by = {(c.task, c.variant): c for c in measured}
+    lines = [f"Made by: `{command}`\n" if command else ""]
+    if measured:
+        lines += ["## Accuracy (%, 95 % Wilson interval)\n", "| variant | " + " | ".join(tasks) + " |",
+                  "|---|" + "---|" * len(tasks)]
+        for v in names:
+            row = []
+            for t in tasks:
+                c = by.get((t, v))
+                if c is None:
+                    row.append("—")
+                    continue
+                lo, hi = c.wilson()
+                row.append(f"{100 * c.acc:.1f} [{100 * lo:.0f}, {100 * hi:.0f}] (n={c.n})")
+            lines.append(f"| {v} | " + " | ".join(row) + " |")
+    # 2. routing of the strategies
+    routing = [c for c in measured if (c.task, c.variant) in strategy]
+    if routing:
+        lines += ["\n## Routing accuracy (the first pass's label is the task's)\n",
+                  "| task | strategy | routed right |", "|---|---|---|"]
+        lines += [f"| {c.task} | {c.variant} | {100 * c.routed / c.n:.0f} % ({c.routed}/{c.n}) |" for c in routing]
+    # 3. the two passes, from the sequential timing phase
+    timed = [c for c in cells if c.first_ms]
+    if timed:
+        lines += ["\n## The cost of the two passes (median ms, one request at a time)\n",
+                  "| task | strategy | requests | first pass | patch | second pass (patch + generation) | "
+                  "first / second |", "|---|---|---|---|---|---|---|"]
+        for c in timed:
+            f, s2, pt = (statistics.median(x) for x in (c.first_ms, c.second_ms, c.patch_ms or [0.0]))
+            lines.append(f"| {c.task} | {c.variant} | {len(c.first_ms)} | {f:.0f} | {pt:.0f} | {s2:.0f} | "
+                         f"{f / s2:.2f} |")
     md = out_dir / "eval.md"
     md.write_text("\n".join(lines) + "\n")
+    if not measured:
+        return md
     try:
         import matplotlib
         matplotlib.use("Agg")

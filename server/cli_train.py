@@ -166,19 +166,35 @@ def register(app: typer.Typer) -> None:
 
     @app.command("eval")
     def eval_(url: str = typer.Option("http://127.0.0.1:8000", help="A running t2 server."),
-              task: list[str] = typer.Option(..., "--task", help="LABEL:FORMAT[:FILE], e.g. math:gsm8k:test.jsonl, "
-                                             "code:humaneval (repeat)"),
-              limit: int = typer.Option(50, help="Examples per task."),
+              task: Optional[list[str]] = typer.Option(None, "--task", help="LABEL:FORMAT[:FILE], e.g. "
+                                                       "math:gsm8k:test.jsonl, code:humaneval (repeat)"),
+              limit: int = typer.Option(50, help="Examples per task and variant (0: only the timing phase)."),
               max_tokens: int = typer.Option(256), concurrency: int = typer.Option(8),
+              timing_samples: int = typer.Option(4, help="Requests per task and strategy sent one at a time "
+                                                 "after the accuracy phase, for the cost of the two passes."),
               own_task: bool = typer.Option(False, help="Run each expert only on the tasks of its label and "
                                             "each profile only on its own task (base and strategies on all)."),
+              from_json: Optional[Path] = typer.Option(None, help="Redraw the report of an earlier eval.json "
+                                                       "(no server needed)."),
               api_key: Optional[str] = typer.Option(None, envvar="T2_API_KEY"),
               out: Path = typer.Option(Path("eval"), help="Folder for eval.md / eval.json / eval.png.")) -> None:
         """Accuracy (95 % CI) of base, experts, profiles and dispatch strategies; routing; two-pass cost."""
         import asyncio
 
-        from clients.evaluate import evaluate, report
+        from clients.evaluate import evaluate, load_cells, report
         from experts.tasks import load_task
+        if from_json is not None:
+            try:
+                cells = load_cells(from_json)
+            except (ValueError, OSError, KeyError, TypeError) as e:
+                _fail(e)
+            made_by = from_json.parent / "eval.md"       # keep the command of the run that measured the cells
+            first = made_by.read_text().splitlines()[0] if made_by.is_file() else ""
+            command = first.removeprefix("Made by: `").removesuffix("`") if first.startswith("Made by") else ""
+            typer.echo(report(cells, out, command).read_text())
+            return
+        if not task:
+            _fail(ValueError("give at least one --task (or --from-json)"))
         try:
             tasks = []
             for spec in task:
@@ -187,7 +203,8 @@ def register(app: typer.Typer) -> None:
                 tasks.append((t, label))
         except (ValueError, OSError) as e:
             _fail(e)
-        cells = asyncio.run(evaluate(url, tasks, limit, max_tokens, concurrency, api_key, own_task=own_task))
+        cells = asyncio.run(evaluate(url, tasks, limit, max_tokens, concurrency, api_key, own_task=own_task,
+                                     timing=timing_samples))
         md = report(cells, out, " ".join(["t2"] + sys.argv[1:]))
         typer.echo(md.read_text())
 

@@ -4,6 +4,8 @@ served by `t2 serve`'s own code path (no --model), answered through the official
 Slow-ish (conversion ~40 s once per cache, SVD ~1 min once per cache, then seconds per request).
 """
 
+import json
+
 import pytest
 from openai import OpenAI
 
@@ -57,7 +59,13 @@ def test_the_shipped_expert_set_is_served_by_default(smol):
     live, client = smol
     cards = {m.id: m.model_extra["t2"] for m in client.models.list()}
     labels = {c["label"] for c in cards.values() if c["kind"] == "expert"}
-    assert labels >= {"math", "code", "reasoning", "classifier"}
+    assert labels >= {"math", "code", "reasoning", "classifier", "profile"}
+    # the few-shot profile is its own model id, made for HumanEval, and answers with its mix patched in
+    profile = cards["SmolLM2-135M-Instruct:humaneval-fewshot"]
+    assert json.loads(profile["description"])["task"] == "humaneval"
+    r = client.chat.completions.create(model="SmolLM2-135M-Instruct:humaneval-fewshot", temperature=0,
+                                       max_tokens=4, messages=[{"role": "user", "content": "Say hi."}])
+    assert r.choices[0].message.content and r.model_extra["t2"]["mix"] == {"humaneval-fewshot": 1.0}
     # the trained classification expert routes clear questions of each family to that family's expert
     for question, label in (("Tom has 12 apples and eats 5. How many apples does Tom have left?", "math"),
                             ("Write a Python function that returns the reverse of a list.", "code")):
