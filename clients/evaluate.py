@@ -34,6 +34,9 @@ from typing import Any
 import httpx
 
 
+STRATEGY = "T2 "                    # display names of the dispatch strategies: "T2 prompt", "T2 classifier"
+
+
 @dataclass
 class Cell:
     task: str
@@ -44,6 +47,10 @@ class Cell:
     first_ms: list[float] = field(default_factory=list)    # timing phase (sequential requests) only
     second_ms: list[float] = field(default_factory=list)
     patch_ms: list[float] = field(default_factory=list)
+
+    @property
+    def is_strategy(self) -> bool:
+        return self.variant.startswith(STRATEGY)
 
     @property
     def acc(self) -> float:
@@ -84,9 +91,9 @@ def _offered(models: list[dict[str, Any]]) -> dict[str, tuple[str, dict, tuple[s
                     task = None
                 scope = ("task", task) if task else None
             out[m["id"].split(":", 1)[1]] = (m["id"], {}, scope)
-    out["T2 prompt"] = ("auto", {"t2": {"dispatch": "prompt"}}, None)
+    out[STRATEGY + "prompt"] = ("auto", {"t2": {"dispatch": "prompt"}}, None)
     if labels.get("classifier"):
-        out["T2 classifier"] = ("auto", {"t2": {"dispatch": "classifier"}}, None)
+        out[STRATEGY + "classifier"] = ("auto", {"t2": {"dispatch": "classifier"}}, None)
     return out
 
 
@@ -111,7 +118,7 @@ async def evaluate(url: str, tasks: list[tuple[Any, str]], limit: int, max_token
         pairs = [(t, label, v) for t, label in tasks for v, (_, _, scope) in offered.items()
                  if not own_task or _runs_on(scope, t, label)]
         cells = {(t.name, v): Cell(t.name, v) for t, _, v in pairs}
-        strategies = [(t, label, v) for t, label, v in pairs if offered[v][1].get("t2")]
+        strategies = [(t, label, v) for t, label, v in pairs if cells[(t.name, v)].is_strategy]
         sem = asyncio.Semaphore(concurrency)
         done, total = 0, sum(min(limit, len(t.examples)) for t, _, _ in pairs)
 
@@ -157,25 +164,18 @@ async def evaluate(url: str, tasks: list[tuple[Any, str]], limit: int, max_token
 
 
 def load_cells(path: Path) -> list[Cell]:
-    """The cells of an eval.json written by `report` (older files without raw counts: counts from rates)."""
-    cells = []
-    for x in json.loads(Path(path).read_text()):
-        n = x["n"]
-        ra = x.get("routing_accuracy")
-        cells.append(Cell(x["task"], x["variant"], n, x.get("correct", round(x["accuracy"] * n)),
-                          x.get("routed", round((ra or 0) * n)), list(x.get("first_ms", [])),
-                          list(x.get("second_ms", [])), list(x.get("patch_ms", []))))
-    return cells
+    """The cells of an eval.json written by `report`."""
+    return [Cell(x["task"], x["variant"], x["n"], x["correct"], x["routed"], x["first_ms"], x["second_ms"],
+                 x["patch_ms"]) for x in json.loads(Path(path).read_text())]
 
 
 def report(cells: list[Cell], out_dir: Path, command: str = "") -> Path:
     """eval.json, eval.md and eval.png in `out_dir`; returns the markdown file."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    strategy = {(c.task, c.variant) for c in cells if c.variant.startswith("T2 ")}
     (out_dir / "eval.json").write_text(json.dumps([
         {"task": c.task, "variant": c.variant, "n": c.n, "correct": c.correct, "accuracy": c.acc,
          "ci95": c.wilson(), "routed": c.routed,
-         "routing_accuracy": c.routed / c.n if (c.task, c.variant) in strategy and c.n else None,
+         "routing_accuracy": c.routed / c.n if c.is_strategy and c.n else None,
          "first_pass_ms": statistics.median(c.first_ms) if c.first_ms else None,
          "second_pass_ms": statistics.median(c.second_ms) if c.second_ms else None,
          "first_ms": c.first_ms, "second_ms": c.second_ms, "patch_ms": c.patch_ms} for c in cells], indent=1))
@@ -199,7 +199,7 @@ def report(cells: list[Cell], out_dir: Path, command: str = "") -> Path:
                 row.append(f"{100 * c.acc:.1f} [{100 * lo:.0f}, {100 * hi:.0f}] (n={c.n})")
             lines.append(f"| {v} | " + " | ".join(row) + " |")
     # 2. routing of the strategies
-    routing = [c for c in measured if (c.task, c.variant) in strategy]
+    routing = [c for c in measured if c.is_strategy]
     if routing:
         lines += ["\n## Routing accuracy (the first pass's label is the task's)\n",
                   "| task | strategy | routed right |", "|---|---|---|"]
@@ -211,7 +211,7 @@ def report(cells: list[Cell], out_dir: Path, command: str = "") -> Path:
                   "| task | strategy | requests | first pass | patch | second pass (patch + generation) | "
                   "first / second |", "|---|---|---|---|---|---|---|"]
         for c in timed:
-            f, s2, pt = (statistics.median(x) for x in (c.first_ms, c.second_ms, c.patch_ms or [0.0]))
+            f, s2, pt = (statistics.median(x) for x in (c.first_ms, c.second_ms, c.patch_ms))
             lines.append(f"| {c.task} | {c.variant} | {len(c.first_ms)} | {f:.0f} | {pt:.0f} | {s2:.0f} | "
                          f"{f / s2:.2f} |")
     md = out_dir / "eval.md"

@@ -7,9 +7,10 @@ Contract:
   refits μ and σ (per coordinate) to the best `int(population · elite_ratio)` (at least 2 where the population
   allows: the std of a single elite is 0, which would end the exploration after one iteration) and keeps the
   best α ever evaluated, which is what it returns (not μ). Once σ is 0 in every coordinate (a collapsed
-  search with `min_std` 0) every further sample would be μ again, so the search stops there. Defaults follow the paper/reference: population 32,
-  elite ratio 0.2, initial σ 0.5; μ starts at `init_mean` (0.5 in every coordinate unless given). The
-  sampler is `numpy.random.default_rng(seed)`: the same seed and objective give the same search.
+  search with `min_std` 0) every further sample would be μ again, so the search stops there. Defaults
+  follow the paper/reference: population 32, elite ratio 0.2, initial σ 0.5; μ starts at `init_mean` (0.5
+  in every coordinate unless given). The sampler is `numpy.random.default_rng(seed)`: the same seed and
+  objective give the same search.
   `progress(it)` is called after every iteration with a `CEMIteration`; `log=True` also prints one line per
   iteration to stderr. `stop_score` ends the search early once the best score reaches it.
 - `MixSpace` maps a flat α to the mixing weights it means: per expert (`per_matrix=False`, K numbers, the
