@@ -71,6 +71,14 @@ class Adaptation:
 BASE = Adaptation()
 
 
+def experts_of_key(key: str) -> set[str]:
+    """The expert names in an adaptation key (`base`, `name`, or `a*0.5+b*0.5`, as `Adaptation.key` writes it);
+    any other key that is not an expert mix (e.g. a patcher's unknown state, `<...>`) names none."""
+    if key == BASE_NAME or key.startswith("<"):
+        return set()
+    return {part.rsplit("*", 1)[0] if "*" in part else part for part in key.split("+")}
+
+
 def mix_z(experts: Mapping[str, Expert], adaptation: Adaptation) -> dict[str, torch.Tensor]:
     """z'[name] = Σ α_k z_k[name] (fp32) over every matrix covered by at least one expert of the mix."""
     chosen = []

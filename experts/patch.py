@@ -20,9 +20,9 @@ from typing import Callable, Mapping
 
 import torch
 
+from experts.mix import BASE_NAME as BASE_KEY
 from experts.svd import Factors
 
-BASE_KEY = "base"
 UNKNOWN_KEY = "<unknown>"   # after forget(): the live weights must be rewritten by the next apply
 
 

@@ -33,6 +33,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from experts.mix import BASE_NAME
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # the buckets vLLM uses for these series (seconds)
@@ -48,7 +50,7 @@ _TOKENS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 def adaptation_label(mix: dict[str, float]) -> str:
     """A bounded label for an adaptation: base, the expert's name, or mix."""
     if not mix:
-        return "base"
+        return BASE_NAME
     return next(iter(mix)) if len(mix) == 1 else "mix"
 
 

@@ -32,45 +32,20 @@ from typing import Any, AsyncIterator, Callable
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from experts.errors import ExpertNotFound
 from experts.expert import Expert
-from experts.mix import BASE, Adaptation, mix_z
-from experts.patch import UNKNOWN_KEY, ModelPatcher, SVFMatrix
+from experts.mix import Adaptation, experts_of_key, mix_z
+from experts.patch import ModelPatcher, SVFMatrix
 from experts.svd import load_factors
 from server.engines.base import (Engine, GenerateRequest, LabelScores, ScoreRequest, TokenChunk)
 from server.engines.detok import Detokenizer
+from server.engines.common import check_servable, label_walk, load_experts, resolve_device, resolve_dtype, walk_sync
+from server.engines.sampling import new_generator, sample
+from server.engines.scheduler import GENERATE, SCORE, Batch, Job, Scheduler
 from server.errors import Conflict, EngineUnavailable, ModelNotFound
-from server.scheduler import GENERATE, SCORE, Batch, Job, Scheduler
 
 log = logging.getLogger("t2.engine.hf")
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[dtype]
-
-
-def load_experts(experts_dir: Path | None, ranks: dict[str, int], fingerprint: str,
-                 base_model: str) -> dict[str, Expert]:
-    """Every `*.safetensors` of `experts_dir`, each checked against the base; a bad file stops the start."""
-    out: dict[str, Expert] = {}
-    if experts_dir is None or not Path(experts_dir).is_dir():
-        return out
-    for path in sorted(Path(experts_dir).glob("*.safetensors")):
-        e = Expert.load(path)
-        e.check_against(ranks, fingerprint, base_model)
-        out[e.name] = e
-    return out
 
 
 class _Sink:
@@ -204,7 +179,7 @@ class HFEngine(Engine):
                 raise ModelNotFound(f"expert {name!r} is not loaded", "name")
             self.experts = {k: v for k, v in self.experts.items() if k != name}
             for key in set(self.patcher.cached_keys) | {self.patcher.current}:
-                if name in _experts_of_key(key):
+                if name in experts_of_key(key):
                     self.patcher.forget(key)    # the live key too: the next apply rewrites the weights
 
         await self._in_worker(drop)
@@ -235,9 +210,7 @@ class HFEngine(Engine):
     def _submit(self, kind: str, request: GenerateRequest | ScoreRequest) -> Job:
         if self._thread is None or not self._thread.is_alive():
             raise EngineUnavailable("the engine is not running")
-        for name in request.adaptation.experts:
-            if name not in self.experts:
-                raise ExpertNotFound(f"expert {name!r} is not loaded")
+        check_servable(self.experts, request.adaptation)
         job = Job(kind, request.adaptation, request, _Sink(asyncio.get_running_loop()))
         self.scheduler.submit(job)
         return job
@@ -314,29 +287,16 @@ class HFEngine(Engine):
         reqs: list[ScoreRequest] = [j.payload for j in jobs]
         logits, _ = self._prefill([r.prompt_ids for r in reqs], None)
         logp = torch.log_softmax(logits, -1)                    # [B, vocab]
+
+        def next_logprobs(prefix: list[int], allowed: list[int]) -> dict[int, float]:
+            lp = torch.log_softmax(self._prefill([prefix], None)[0][0], -1)
+            return {t: float(lp[t]) for t in allowed}
+
         for row, (job, r) in enumerate(zip(jobs, reqs)):
-            first = [c[0] for c in r.candidates]
-            lp = logp[row, first]                               # [K]
-            best = int(lp.argmax())
-            tokens = len(r.prompt_ids)
-            # candidates sharing the best first token: walk on (rare; costs one more pass each step)
-            tied = [k for k, t in enumerate(first) if t == first[best]]
-            depth, prefix = 1, list(r.prompt_ids)
-            while len(tied) > 1:
-                prefix.append(r.candidates[tied[0]][depth - 1])
-                live = [k for k in tied if len(r.candidates[k]) > depth]
-                if not live:
-                    break
-                nxt = torch.log_softmax(self._prefill([prefix], None)[0][0], -1)
-                tokens += len(prefix)
-                best = max(live, key=lambda k: float(nxt[r.candidates[k][depth]]))
-                tied = [k for k in live if r.candidates[k][depth] == r.candidates[best][depth]]
-                depth += 1
-            uniq = {t: float(logp[row, t]) for t in first}
-            z = torch.softmax(torch.tensor(list(uniq.values())), 0).tolist()
-            p_of = dict(zip(uniq, z))
-            r.stats.prompt_tokens = tokens
-            job.sink.put(LabelScores(best=best, probs=tuple(p_of[t] for t in first), forward_tokens=tokens))
+            first = {t: float(logp[row, t]) for t in {c[0] for c in r.candidates}}
+            scores = walk_sync(label_walk(r.prompt_ids, r.candidates), next_logprobs, first=first)
+            r.stats.prompt_tokens = scores.forward_tokens
+            job.sink.put(scores)
 
     def _generate(self, adaptation: Adaptation, jobs: list[Job]) -> None:
         """Batched generation under one adaptation, streaming each new piece of text.
@@ -416,7 +376,7 @@ class _Row:
     def __init__(self, job: Job, tokenizer: Any, device: torch.device):
         self.job, self.req = job, job.payload
         self.detok = Detokenizer(tokenizer, self.req.params.stop)
-        self.gen = _generator(self.req.params.seed, device)
+        self.gen = new_generator(self.req.params.seed, device)
         self.count = 0
         self.req.stats.prompt_tokens = len(self.req.prompt_ids)
 
@@ -426,7 +386,7 @@ class _Row:
             self.job.sink.put(TokenChunk("", (), "abort"))
             return None
         p = self.req.params
-        tok = _sample(logits, p, self.gen)
+        tok = sample(logits, p, self.gen)
         self.count += 1
         self.req.stats.completion_tokens = self.count
         finish, ids = None, (tok,)
@@ -464,13 +424,6 @@ def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
-def _experts_of_key(key: str) -> set[str]:
-    """The expert names in an adaptation key (`base`, `name`, or `a*0.5+b*0.5`; see experts.mix)."""
-    if key in ("base", UNKNOWN_KEY):
-        return set()
-    return {part.rsplit("*", 1)[0] if "*" in part else part for part in key.split("+")}
-
-
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
     ids: set[int] = set()
     gen = getattr(model, "generation_config", None)
@@ -480,25 +433,3 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
         elif src:
             ids.update(int(x) for x in src)
     return ids or {0}
-
-
-def _generator(seed: int | None, device: torch.device) -> torch.Generator:
-    g = torch.Generator(device=device)
-    if seed is None:
-        g.seed()
-    else:
-        g.manual_seed(seed)
-    return g
-
-
-def _sample(logits: torch.Tensor, params, gen: torch.Generator) -> int:
-    """One token from a row of logits [vocab]: greedy at temperature 0, else temperature + nucleus."""
-    if params.greedy:
-        return int(logits.argmax())
-    probs = torch.softmax(logits / params.temperature, -1)
-    if params.top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        cut = sorted_p.cumsum(-1) - sorted_p > params.top_p      # drop tokens once mass before them > top_p
-        sorted_p[cut] = 0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs, 1, generator=gen))

@@ -8,7 +8,7 @@ vllm_worker.py, does not). Contract:
   checked against the base exactly as in hf.py (`load_experts`); 2. the AsyncLLM starts with
   `worker_extension_cls` = vllm_worker.SVFWorkerExtension; 3. `collective_rpc("t2_init")` hands each worker
   the factor file, the adapted names and the expert files: each computes W' on its own device from then on.
-- Invariant (server/scheduler.py): requests are admitted per adaptation by an `AdmissionGate` (the Scheduler's
+- Invariant (server/engines/admission.py): requests are admitted per adaptation by an `AdmissionGate` (the Scheduler's
   policy: the current adaptation keeps the weights until another has waited `max_wait_ms`; then its admitted
   requests drain, the weights swap with `collective_rpc("t2_apply")`, and the waiting group is admitted).
   Requests arriving during a swap queue; a full queue is a 429. Every request carries `cache_salt` = its
@@ -47,15 +47,15 @@ from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from experts.errors import ExpertNotFound
 from experts.expert import Expert
 from experts.mix import Adaptation
 from experts.svd import MLP_TARGETS, checkpoint_names, ensure_factors, model_ranks, target_names
 from server.engines.base import (Engine, GenerateRequest, LabelScores, RequestStats, SamplingParams,
                                  ScoreRequest, TokenChunk)
-from server.engines.hf import load_experts, resolve_device, resolve_dtype
+from server.engines.admission import Admission, AdmissionGate
+from server.engines.common import (check_servable, label_walk, load_experts, resolve_device, resolve_dtype,
+                                   walk_async)
 from server.errors import EngineUnavailable, InvalidRequest
-from server.scheduler import Admission, AdmissionGate
 
 log = logging.getLogger("t2.engine.vllm")
 
@@ -175,9 +175,7 @@ class VLLMEngine(Engine):
     def _check(self, adaptation: Adaptation) -> None:
         if self.llm is None:
             raise EngineUnavailable("the engine is not running")
-        for name in adaptation.experts:
-            if name not in self.experts:
-                raise ExpertNotFound(f"expert {name!r} is not loaded")
+        check_servable(self.experts, adaptation)
 
     # -- one vLLM request under the gate ----------------------------------------------------------------------
     async def _run(self, prompt_ids: list[int], params: VSamplingParams, adaptation: Adaptation,
@@ -219,31 +217,11 @@ class VLLMEngine(Engine):
             yield TokenChunk(o.text, tuple(o.token_ids), finish)
 
     async def score_labels(self, request: ScoreRequest) -> LabelScores:
-        """Constrained choice: 1. the candidates' first tokens in one prefill; 2. walk on where they tie."""
-        cands = request.candidates
-        first = [c[0] for c in cands]
-        # 1. one prefill: log p of each distinct first token (raw model log-probabilities)
-        lp = await self._next_logprobs(request.prompt_ids, sorted(set(first)), request)
-        best = max(range(len(cands)), key=lambda k: (lp[first[k]], -k))   # first index wins a tie, as argmax
-        tokens = len(request.prompt_ids)
-        # 2. candidates sharing the best first token: one more step per shared token
-        tied = [k for k, t in enumerate(first) if t == first[best]]
-        depth, prefix = 1, list(request.prompt_ids)
-        while len(tied) > 1:
-            prefix.append(cands[tied[0]][depth - 1])
-            live = [k for k in tied if len(cands[k]) > depth]
-            if not live:
-                break
-            nxt = await self._next_logprobs(prefix, sorted({cands[k][depth] for k in live}), request)
-            tokens += len(prefix)
-            best = max(live, key=lambda k: (nxt[cands[k][depth]], -k))
-            tied = [k for k in live if cands[k][depth] == cands[best][depth]]
-            depth += 1
-        uniq = sorted(set(first))
-        z = torch.softmax(torch.tensor([lp[t] for t in uniq], dtype=torch.float64), 0).tolist()
-        p_of = dict(zip(uniq, z))
-        request.stats.prompt_tokens = tokens
-        return LabelScores(best=best, probs=tuple(p_of[t] for t in first), forward_tokens=tokens)
+        """Constrained choice (server.engines.common.label_walk), each of its steps a 1-token vLLM request."""
+        scores = await walk_async(label_walk(request.prompt_ids, request.candidates),
+                                  lambda prefix, allowed: self._next_logprobs(prefix, allowed, request))
+        request.stats.prompt_tokens = scores.forward_tokens
+        return scores
 
     async def _next_logprobs(self, prompt_ids: list[int], allowed: list[int], request: ScoreRequest) -> dict[int, float]:
         params = VSamplingParams(max_tokens=1, temperature=0.0, allowed_token_ids=allowed,

@@ -1,4 +1,4 @@
-"""The asynchronous admission gate (server/scheduler.py, used by the vLLM engine): the same policy as the
+"""The asynchronous admission gate (server/engines/admission.py, used by the vLLM engine): the same policy as the
 Scheduler, read for requests. Real gate, real event loop; the swap is a coroutine that records what it saw."""
 
 import asyncio
@@ -9,7 +9,7 @@ import pytest
 
 from experts.mix import BASE, Adaptation
 from server.errors import Overloaded
-from server.scheduler import AdmissionGate
+from server.engines.admission import AdmissionGate
 
 A, B, C = Adaptation.of({"a": 1}), Adaptation.of({"b": 1}), Adaptation.of({"c": 1})
 

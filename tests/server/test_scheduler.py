@@ -7,7 +7,7 @@ import pytest
 
 from experts.mix import BASE, Adaptation
 from server.errors import Overloaded
-from server.scheduler import GENERATE, SCORE, Job, Scheduler
+from server.engines.scheduler import GENERATE, SCORE, Job, Scheduler
 
 A, B = Adaptation.of({"a": 1}), Adaptation.of({"b": 1})
 
