@@ -75,6 +75,12 @@ def serve(**fields) -> None:
     except ValidationError as e:
         _fail(e)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.ray:
+        try:
+            from server.ray_serve import run as run_on_ray    # the only module that imports ray
+        except ImportError as e:
+            _fail(RuntimeError(f"--ray needs Ray Serve: pip install 't2-server[ray]' ({e})"))
+        return run_on_ray(config)
     from server.api.app import create_app
     try:
         application = create_app(config)
