@@ -41,7 +41,7 @@ from server.config import ServerConfig
 from server.engines.base import Engine
 from server.errors import InvalidRequest, ModelNotFound, Overloaded, RequestTimeout, ServerError, Unauthorized
 from server.metrics import CONTENT_TYPE, Metrics
-from server.serving import Serving
+from server.api.serving import Serving
 
 log = logging.getLogger("t2.api")
 
