@@ -69,10 +69,6 @@ class Scheduler:
     def waiting(self) -> int:
         return sum(len(q) for kinds in self._queues.values() for q in kinds.values())
 
-    def waiting_by_adaptation(self) -> dict[str, int]:
-        with self._cv:
-            return {a.key: sum(len(q) for q in kinds.values()) for a, kinds in self._queues.items()}
-
     def wake(self) -> None:
         """Make a blocked `next_batch` return None now (the worker has control work to do)."""
         with self._cv:
