@@ -72,8 +72,8 @@ def _one_line(e: Exception) -> str:
     """An error as one line (a pydantic ValidationError lists every bad field, each as `field: message`)."""
     from pydantic import ValidationError
     if isinstance(e, ValidationError):
-        return "; ".join(f"--{'.'.join(map(str, err['loc'])).replace('_', '-') or 'config'}: "
-                         f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())
+        return "; ".join(("--" + "-".join(map(str, err["loc"])).replace("_", "-") + ": " if err["loc"] else "")
+                         + err["msg"].removeprefix("Value error, ") for err in e.errors())
     return " ".join(str(e).split())
 
 
