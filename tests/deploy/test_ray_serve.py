@@ -145,7 +145,7 @@ def test_killing_a_replica_under_load(proxy, live):
             with httpx.Client(base_url=str(proxy.base_url), timeout=httpx.Timeout(120)) as c:
                 with c.stream("POST", "/v1/chat/completions", json=body(i, model, True, 48)) as r:
                     if r.status_code != 200:
-                        return "error"
+                        return f"error: HTTP {r.status_code}"
                     started[i] = r.headers["x-t2-replica"]
                     if started[i] == victim["id"] and sum(v == victim["id"] for v in started.values()) >= 2:
                         victim_started.set()
