@@ -11,6 +11,7 @@
 set -u
 MODEL=${1:-tiny}; N=${2:-64}; OUT_LEN=${OUT_LEN:-64}
 PY=${T2_VENV:-.venv}/bin/python; OUT=${OUT:-$(mktemp -d)}; PORT=${PORT:-18790}
+mkdir -p "$OUT"
 CPUS=$(nproc); REPLICA_CPUS=${REPLICA_CPUS:-$(( CPUS / 2 > 0 ? CPUS / 2 : 1 ))}; MAX_BATCH=${MAX_BATCH:-8}
 export HF_HUB_OFFLINE=1 PYTHONPATH=${PYTHONPATH:-$PWD} VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
 cat > "$OUT/bench.py" <<'PY'

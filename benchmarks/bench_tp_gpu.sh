@@ -7,6 +7,7 @@
 #   MODEL=/models/<HF folder> bash benchmarks/bench_tp_gpu.sh [N]     # default: the embedded SmolLM2
 set -u
 N=${1:-128}; PY=${T2_VENV:-.venv}/bin/python; OUT=${OUT:-$(mktemp -d)}; PORT=${PORT:-18890}
+mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 PYTHONPATH=${PYTHONPATH:-$PWD}
 GPUS=$(nvidia-smi -L 2>/dev/null | wc -l)
 [ "$GPUS" -ge 1 ] || { echo "no GPU (nvidia-smi -L lists none)"; exit 1; }
