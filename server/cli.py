@@ -101,7 +101,10 @@ def serve(**fields) -> None:
                 from server.ray_serve import run as run_on_ray
             except ImportError as e:
                 raise StartupError(f"--ray needs Ray Serve: pip install 't2-server[ray]' ({e})") from None
-            return run_on_ray(config)
+            try:
+                return run_on_ray(config)
+            except Exception as e:  # noqa: BLE001 - Ray's own failures (a node that did not start, ...) as one line
+                raise StartupError(f"Ray Serve: {e}") from None
         engine = make_engine(engine_config)
     except (StartupError, ExpertError, ImportError, OSError) as e:
         _fail(e)
