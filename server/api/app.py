@@ -15,7 +15,8 @@ Contract:
   origins are configured. `/health` and `/metrics` are open (probes and scrapers).
 - Generation routes let at most `max_concurrent_requests` in at once (`InFlightLimit`; beyond: 429 +
   Retry-After, as for a full scheduler queue), abort a request whose client disconnects (stream or not:
-  its engine rows are freed at once), and abort one that runs past `request_timeout_s` (504, or an error event in a stream).
+  its engine rows are freed at once), and abort one that runs past `request_timeout_s` (504, or an error
+  event in a stream).
 - Admin API: GET/POST /admin/experts, DELETE /admin/experts/{name}; POST loads `<name>.safetensors` from
   `admin_experts_dir` only (names like expert file stems; no path, no traversal, no symlink out).
 """
