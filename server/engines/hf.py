@@ -110,7 +110,9 @@ class HFEngine(Engine):
         matrices = {n: SVFMatrix(n, self.model.get_parameter(n).data, f) for n, f in factors.items()}
         self.patcher = ModelPatcher(matrices, self.patch_cache_bytes)
         # 4. experts
-        self.experts = load_experts(self.experts_dir, self.patcher.ranks, self.fingerprint, self.model_name)
+        self.spectra = {n: f.s.detach().cpu() for n, f in factors.items()}   # [rank] each: the rescale check
+        self.experts = load_experts(self.experts_dir, self.patcher.ranks, self.fingerprint, self.model_name,
+                                    self.spectra)
         log.info("engine ready in %.1f s: %s (%s, %s, %s), %d adaptable matrices, experts: %s",
                  time.perf_counter() - t0, self.model_name, mtype, self.device, str(self.dtype).split(".")[-1],
                  len(matrices), ", ".join(f"{e.name}[{e.label}]" for e in self.experts.values()) or "none")
@@ -161,7 +163,7 @@ class HFEngine(Engine):
     async def load_expert(self, path: Path) -> Expert:
         """1. read + self-check the file (a thread); 2. check it against the base; 3. add it in the worker."""
         e = await asyncio.to_thread(Expert.load, Path(path))
-        e.check_against(self.patcher.ranks, self.fingerprint, self.model_name)
+        e.check_against(self.patcher.ranks, self.fingerprint, self.model_name, self.spectra)
 
         def add() -> Expert:
             if e.name in self.experts:

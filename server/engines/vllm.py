@@ -49,7 +49,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 
 from experts.expert import Expert
 from experts.mix import Adaptation
-from experts.svd import MLP_TARGETS, checkpoint_names, ensure_factors, model_ranks, target_names
+from experts.svd import MLP_TARGETS, checkpoint_names, ensure_factors, model_ranks, read_spectra, target_names
 from server.engines.base import (Engine, GenerateRequest, LabelScores, RequestStats, SamplingParams,
                                  ScoreRequest, TokenChunk)
 from server.engines.admission import Admission, AdmissionGate
@@ -115,7 +115,8 @@ class VLLMEngine(Engine):
         cfg = AutoConfig.from_pretrained(self.model_dir)
         self.max_model_len = int(self._max_model_len or getattr(cfg, "max_position_embeddings", 2048))
         # 3. experts, checked against the base as in hf.py
-        self.experts = load_experts(self.experts_dir, ranks, self.fingerprint, self.model_name)
+        self.spectra = read_spectra(self._factors_file, ranks)       # [rank] each: the rescale check
+        self.experts = load_experts(self.experts_dir, ranks, self.fingerprint, self.model_name, self.spectra)
 
     def _engine_args(self) -> AsyncEngineArgs:
         cpu = not torch.cuda.is_available()
