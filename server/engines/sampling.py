@@ -8,6 +8,8 @@ Contract:
 - `token_logprob(logits, token, k)` / `prompt_logprobs(logits [T, vocab], ids, k)` are the raw model's
   log-probabilities (log-softmax of the logits as the model gives them: before logit_bias, temperature and
   top_p), which is vLLM's default `logprobs_mode="raw_logprobs"`, so both engines report the same thing.
+- `from_ranked(step, token, k)` converts an engine's own per-position {token id: (logprob, rank)} record (vLLM's
+  `Logprob` objects: anything with `.logprob` and `.rank`) to the same TokenLogprob.
 Engines that sample themselves (hf.py) use only these.
 """
 
@@ -68,3 +70,13 @@ def prompt_logprobs(logits: torch.Tensor, ids: list[int], k: int) -> tuple[Token
     """Per prompt token: log p(ids[t] | ids[:t]) from the logits of positions [T, vocab]; None for the first."""
     logp = torch.log_softmax(logits.float(), -1)                  # [T, vocab]
     return (None,) + tuple(_of(logp[t - 1], ids[t], k) for t in range(1, len(ids)))
+
+
+def from_ranked(step, token: int, k: int) -> TokenLogprob | None:
+    """{token id: obj with .logprob, .rank} for one position → TokenLogprob (None for an empty position)."""
+    if not step:
+        return None
+    own = step.get(token)
+    ranked = sorted(((t, x) for t, x in step.items() if x.rank is not None and x.rank <= k), key=lambda e: e[1].rank)
+    return TokenLogprob(int(token), float(own.logprob) if own is not None else float("-inf"),
+                        tuple((int(t), float(x.logprob)) for t, x in ranked))
