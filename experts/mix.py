@@ -28,15 +28,10 @@ from typing import Mapping
 
 import torch
 
-from typing import TYPE_CHECKING
-
 from experts.errors import DegenerateZ, ExpertNotFound
-
-if TYPE_CHECKING:                    # expert.py imports rescale from here
-    from experts.expert import Expert
+from experts.expert import BASE_NAME, Expert  # BASE_NAME: defined beside the expert names it excludes
 
 _DIGITS = 6
-BASE_NAME = "base"   # the key of the base weights; no expert may be named so
 C_RANGE = (1e-4, 1e4)   # the sane range of the rescale c (see the contract)
 _C_TOL = 1e-3           # relative slack of the range for blends (rounded mixing weights)
 
