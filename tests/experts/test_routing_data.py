@@ -46,7 +46,7 @@ def test_generated_prompts_are_balanced_deterministic_and_split_by_template():
 
 
 def test_no_heldout_prompt_is_among_the_generated_ones():
-    generated = [r["prompt"] for split in ("train", "valid") for r in routing_rows(2000, seed=1, split=split)]
+    generated = [r["prompt"] for split in ("train", "valid") for r in routing_rows(800, seed=1, split=split)]
     held = _heldout()
     assert not {r["prompt"] for r in held} & set(generated)
     gen_words = [_words(g) for g in generated]
