@@ -8,13 +8,19 @@ vllm_worker.py, does not). Contract:
   checked against the base exactly as in hf.py (`load_experts`); 2. the AsyncLLM starts with
   `worker_extension_cls` = vllm_worker.SVFWorkerExtension; 3. `collective_rpc("t2_init")` hands each worker
   the factor file, the adapted names and the expert files: each computes W' on its own device from then on.
+- Engine arguments (`_engine_args`, no model work): ours (model, dtype, max_num_seqs, the worker extension,
+  prefix caching), then the parallelism/memory settings of EngineConfig (tensor/pipeline parallel size,
+  executor, max_model_len, GPU memory share, eager), then the pass-through, checked in the constructor by
+  `check_engine_args` against AsyncEngineArgs' own fields and types; it never overrides what t2 sets.
 - Invariant (server/engines/admission.py): requests are admitted per adaptation by an `AdmissionGate` (the Scheduler's
   policy: the current adaptation keeps the weights until another has waited `max_wait_ms`; then its admitted
   requests drain, the weights swap with `collective_rpc("t2_apply")`, and the waiting group is admitted).
   Requests arriving during a swap queue; a full queue is a 429. Every request carries `cache_salt` = its
   adaptation key, so prefix-cache entries never cross adaptations (and survive a round trip A → B → A).
 - `generate` maps our SamplingParams onto vLLM's (temperature 0 = greedy, top_p, seed, stop strings,
-  ignore_eos, max_tokens; n is n requests, one per choice) and streams vLLM's text deltas as TokenChunks.
+  ignore_eos, max_tokens, logprobs, prompt_logprobs, logit_bias; n is n requests, one per choice) and
+  streams vLLM's text deltas as TokenChunks, with vLLM's (raw) log-probabilities converted by
+  `sampling.from_ranked`.
 - `score_labels` is one prefill: a 1-token generation restricted (`allowed_token_ids`) to the candidates'
   first tokens, with the raw log-probabilities of exactly those tokens (`logprob_token_ids`); candidates that
   share a first token are told apart by one more such step each, like hf.py.
@@ -50,10 +56,11 @@ from vllm.v1.engine.async_llm import AsyncLLM
 
 from experts.expert import Expert
 from experts.mix import Adaptation
-from experts.svd import MLP_TARGETS, checkpoint_names, ensure_factors, model_ranks, target_names
+from experts.svd import MLP_TARGETS, checkpoint_names, ensure_factors, model_ranks, read_spectra, target_names
 from server.engines.admission import AdmissionGate, GatePass
 from server.engines.base import (Engine, EngineHealth, GenerateRequest, LabelScores, RequestStats, ScoreRequest,
                                  TokenChunk)
+from server.engines.sampling import from_ranked
 from server.engines.common import (check_servable, label_walk, load_experts, resolve_device, resolve_dtype,
                                    walk_async)
 from server.engines.factory import StartupError
@@ -161,7 +168,8 @@ class VLLMEngine(Engine):
         cfg = AutoConfig.from_pretrained(self.model_dir)
         self.max_model_len = int(self._max_model_len or getattr(cfg, "max_position_embeddings", 2048))
         # 3. experts, checked against the base as in hf.py
-        self.experts = load_experts(self.experts_dir, ranks, self.fingerprint, self.model_name)
+        self.spectra = read_spectra(self._factors_file, ranks)       # [rank] each: the rescale check
+        self.experts = load_experts(self.experts_dir, ranks, self.fingerprint, self.model_name, self.spectra)
 
     def _engine_args(self) -> AsyncEngineArgs:
         """vLLM's arguments: ours, the parallelism/memory flags, then the checked pass-through (no model work)."""
@@ -259,17 +267,24 @@ class VLLMEngine(Engine):
         params = VSamplingParams(
             n=1, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed,
             stop=list(p.stop) or None, ignore_eos=p.ignore_eos, output_kind=RequestOutputKind.DELTA,
-            skip_special_tokens=True)
+            skip_special_tokens=True, logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs,
+            logit_bias=dict(p.logit_bias) or None)     # vLLM's logprobs: raw (its default logprobs_mode)
         request.stats.prompt_tokens = len(request.prompt_ids)
-        count = 0
+        count, prompt_sent = 0, p.prompt_logprobs is None
         async for out in self._run(request.prompt_ids, params, request.adaptation, request.stats):
             o = out.outputs[0]
             count += len(o.token_ids)
             request.stats.completion_tokens = count
             finish = o.finish_reason if out.finished else None
-            if finish is None and not o.text and not o.token_ids:
+            lps = plps = None
+            if p.logprobs is not None:
+                lps = tuple(from_ranked(st, t, p.logprobs) for st, t in zip(o.logprobs or (), o.token_ids))
+            if not prompt_sent and out.prompt_logprobs:
+                plps, prompt_sent = tuple(from_ranked(st, t, p.prompt_logprobs) if i else None for i, (st, t)
+                                          in enumerate(zip(out.prompt_logprobs, request.prompt_ids))), True
+            if finish is None and not o.text and not o.token_ids and plps is None:
                 continue
-            yield TokenChunk(o.text, tuple(o.token_ids), finish)
+            yield TokenChunk(o.text, tuple(o.token_ids), finish, lps, plps)
 
     async def score_labels(self, request: ScoreRequest) -> LabelScores:
         """Constrained choice (server.engines.common.label_walk), each of its steps a 1-token vLLM request."""
