@@ -62,7 +62,8 @@ def make_engine(config: ServerConfig) -> Engine:
     kwargs: dict[str, Any] = dict(name=name, experts_dir=experts_dir, device=config.device, dtype=config.dtype,
                                   targets=targets, cache_dir=cache, max_batch=config.max_batch,
                                   max_wait_ms=config.max_wait_ms, max_queue=config.max_queue,
-                                  patch_cache_mb=config.patch_cache_mb)
+                                  patch_cache_mb=config.patch_cache_mb,
+                                  json_any_whitespace=config.json_any_whitespace)
     if config.engine == "vllm":
         from server.engines.vllm import VLLMEngine  # the only path that imports vllm
         return VLLMEngine(model_dir, **kwargs)

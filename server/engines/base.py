@@ -12,6 +12,8 @@ Contract:
 - `load_expert(path)` / `unload_expert(name)` change the loaded experts at runtime (the admin API). They are
   optional: the defaults raise EngineUnavailable("not supported by this engine"). An engine that supports
   them validates a file exactly as at startup, and makes the change between batches, never under one.
+- A `SamplingParams.constraint` (structured outputs) is honoured for every sequence that has one, each under
+  its own grammar, in the same batch as free sequences; `grammars` validates constraints before submission.
 - `health()` returns at least `status` ("ok" | "error"), and where the engine knows them `running` and
   `waiting` (sequences), `swaps` and `fault`; /health and /metrics read them.
 """
@@ -21,13 +23,16 @@ from __future__ import annotations
 import abc
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from pathlib import Path
 
 from experts.expert import Expert
 from experts.mix import Adaptation
 from server.errors import EngineUnavailable
+
+if TYPE_CHECKING:
+    from server.engines.structured import Constraint, Grammars
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    constraint: "Constraint | None" = None   # structured outputs: the grammar this sequence must follow
 
     @property
     def greedy(self) -> bool:
@@ -98,6 +104,7 @@ class Engine(abc.ABC):
     tokenizer: Any                 # a transformers tokenizer with a chat template
     experts: dict[str, Expert]     # name → expert, checked against this engine's base weights
     max_model_len: int             # prompt + answer tokens
+    grammars: "Grammars | None" = None   # compiles/validates constraints for this tokenizer (structured.py)
 
     @abc.abstractmethod
     async def start(self) -> None: ...

@@ -25,6 +25,7 @@ vllm_worker.py, does not). Contract:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import os
@@ -44,7 +45,8 @@ from vllm import SamplingParams as VSamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
-from vllm.sampling_params import RequestOutputKind
+from vllm.config import StructuredOutputsConfig
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from experts.expert import Expert
@@ -53,6 +55,7 @@ from experts.svd import MLP_TARGETS, checkpoint_names, ensure_factors, model_ran
 from server.engines.base import (Engine, GenerateRequest, LabelScores, RequestStats, SamplingParams,
                                  ScoreRequest, TokenChunk)
 from server.engines.admission import Admission, AdmissionGate
+from server.engines.structured import Constraint, Grammars
 from server.engines.common import (check_servable, label_walk, load_experts, resolve_device, resolve_dtype,
                                    walk_async)
 from server.errors import EngineUnavailable, InvalidRequest
@@ -68,7 +71,7 @@ class VLLMEngine(Engine):
                  cache_dir: Path = Path(".cache/t2"), max_batch: int = 8, max_wait_ms: float = 500,
                  max_queue: int = 1024, patch_cache_mb: int = 1024, tensor_parallel_size: int = 1,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.85,
-                 enforce_eager: bool | None = None):
+                 enforce_eager: bool | None = None, json_any_whitespace: bool = False):
         self.model_dir = Path(model_dir)
         self.model_name = name or self.model_dir.name
         self.experts_dir = experts_dir
@@ -77,6 +80,7 @@ class VLLMEngine(Engine):
         self.targets = tuple(targets or MLP_TARGETS)
         self.cache_dir = Path(cache_dir)
         self.patch_cache_bytes = patch_cache_mb << 20
+        self.json_any_whitespace = json_any_whitespace
         self.max_batch, self.tp = max_batch, tensor_parallel_size
         self._max_model_len, self._gpu_mem, self._eager = max_model_len, gpu_memory_utilization, enforce_eager
         self.gate = AdmissionGate(self._swap, max_wait_s=max_wait_ms / 1e3, max_queue=max_queue)
@@ -114,6 +118,10 @@ class VLLMEngine(Engine):
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         cfg = AutoConfig.from_pretrained(self.model_dir)
         self.max_model_len = int(self._max_model_len or getattr(cfg, "max_position_embeddings", 2048))
+        # structured outputs are decoded by vLLM itself; this compiles them once only to check them (a bad
+        # schema is the same 400 as on the embedded engine, before vLLM sees it)
+        self.grammars = Grammars(self.tokenizer, int(cfg.vocab_size), _eos_ids(self.model_dir, self.tokenizer),
+                                 any_whitespace=self.json_any_whitespace)
         # 3. experts, checked against the base as in hf.py
         self.experts = load_experts(self.experts_dir, ranks, self.fingerprint, self.model_name)
 
@@ -127,6 +135,9 @@ class VLLMEngine(Engine):
             max_num_seqs=self.max_batch, tensor_parallel_size=self.tp,
             gpu_memory_utilization=self._gpu_mem, enforce_eager=cpu if self._eager is None else self._eager,
             enable_prefix_caching=True, worker_extension_cls=WORKER_EXTENSION, seed=0,
+            # structured outputs with xgrammar, compact JSON unless --json-any-whitespace (structured.py)
+            structured_outputs_config=StructuredOutputsConfig(
+                backend="xgrammar", disable_any_whitespace=not self.json_any_whitespace),
             # one rank: the worker lives in the engine-core process (one process start fewer)
             distributed_executor_backend="uni" if self.tp == 1 else None,
             disable_log_stats=True)
@@ -203,8 +214,10 @@ class VLLMEngine(Engine):
         p = request.params
         params = VSamplingParams(
             n=1, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed,
-            stop=list(p.stop) or None, ignore_eos=p.ignore_eos, output_kind=RequestOutputKind.DELTA,
-            skip_special_tokens=True)
+            stop=list(p.stop) or None, ignore_eos=p.ignore_eos and p.constraint is None,
+            output_kind=RequestOutputKind.DELTA, skip_special_tokens=True,
+            structured_outputs=_structured_outputs(p.constraint),
+            allowed_token_ids=self.grammars.allowed_ids(p.constraint) if p.constraint is not None else None)
         request.stats.prompt_tokens = len(request.prompt_ids)
         count = 0
         async for out in self._run(request.prompt_ids, params, request.adaptation, request.stats):
@@ -232,3 +245,32 @@ class VLLMEngine(Engine):
             last = out
         step = last.outputs[0].logprobs[0]                   # {token id: Logprob} for this one position
         return {t: (step[t].logprob if t in step else -math.inf) for t in allowed}
+
+
+def _structured_outputs(c: Constraint | None) -> StructuredOutputsParams | None:
+    """Our Constraint as vLLM's own structured-outputs request (vLLM compiles and applies the grammar)."""
+    if c is None:
+        return None
+    if c.kind == "json":
+        return StructuredOutputsParams(json=c.spec)
+    if c.kind == "choice":
+        return StructuredOutputsParams(choice=json.loads(c.spec))
+    if c.kind == "regex":
+        return StructuredOutputsParams(regex=c.spec)
+    return StructuredOutputsParams(grammar=c.spec)
+
+
+def _eos_ids(model_dir: Path, tokenizer: Any) -> set[int]:
+    """The ids a constrained output may end on: the generation config's eos and the tokenizer's."""
+    from transformers import GenerationConfig
+    ids: set[int] = set()
+    try:
+        gen = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:
+        gen = None
+    for src in (gen, tokenizer.eos_token_id):
+        if isinstance(src, int):
+            ids.add(src)
+        elif src:
+            ids.update(int(x) for x in src)
+    return ids or {0}
