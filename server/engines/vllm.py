@@ -15,6 +15,9 @@ vllm_worker.py, does not). Contract:
   adaptation key, so prefix-cache entries never cross adaptations (and survive a round trip A → B → A).
 - `generate` maps our SamplingParams onto vLLM's (temperature 0 = greedy, top_p, seed, stop strings,
   ignore_eos, max_tokens; n is n requests, one per choice) and streams vLLM's text deltas as TokenChunks.
+  A constraint (structured outputs) goes to vLLM's own `StructuredOutputsParams` (backend xgrammar, compact
+  JSON unless --json-any-whitespace), with the control-character tokens left out of `allowed_token_ids`
+  for compact JSON (server/engines/structured.py); `self.grammars` only validates constraints up front.
 - `score_labels` is one prefill: a 1-token generation restricted (`allowed_token_ids`) to the candidates'
   first tokens, with the raw log-probabilities of exactly those tokens (`logprob_token_ids`); candidates that
   share a first token are told apart by one more such step each, like hf.py.
