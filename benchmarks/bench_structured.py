@@ -34,7 +34,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 from openai import AsyncOpenAI  # noqa: E402
 
 from benchmarks.bench_vllm import PlainVLLM, free_port  # noqa: E402
-from server.api.live import LiveServer  # noqa: E402
+from tests.live import LiveServer  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
 from server.engines.structured import Constraint, Grammars  # noqa: E402
 from tests import structured_checks as C  # noqa: E402
