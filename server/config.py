@@ -53,6 +53,14 @@ class ServerConfig(BaseModel):
     default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request sets none.")
     max_n: int = Field(8, ge=1, description="Largest n a request may ask for.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    # ---- structured outputs and tools (server/api/tools.py, server/engines/structured.py) ----
+    chat_template: Optional[str] = Field(
+        None, description="Chat template: a Jinja file, or 'chatml-tools' (shipped, tool-aware ChatML). Default: "
+        "the model's own; chatml-tools for the embedded default model.")
+    tool_call_parser: Literal["hermes"] = Field(
+        "hermes", description="How tool calls are read from free output (tool_choice auto), vLLM's names.")
+    json_any_whitespace: bool = Field(
+        False, description="Let constrained JSON have free whitespace; default compact (no newlines or runs).")
     # ---- security ----
     api_key: Optional[str] = Field(
         None, description="Require 'Authorization: Bearer KEY' on /v1 (off when unset).")

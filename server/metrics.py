@@ -23,6 +23,9 @@ Series (`model_name` label on every vllm: series, as vLLM does):
   t2_requests_total{strategy,label,adaptation}, t2_expert_requests_total{expert}   counters
   t2_request_errors_total{code}                                         counter (HTTP status of failures)
   t2_engine_healthy                                                     gauge (1 ok, 0 fault)
+  t2_structured_requests_total{kind}                                    counter (constrained requests)
+  t2_grammar_compiles_total, t2_grammar_cache_hits_total,
+  t2_grammar_compile_seconds_total                                      counters (from the engine's grammar cache)
 """
 
 from __future__ import annotations
@@ -76,7 +79,18 @@ class _EngineCollector(Collector):
         swaps.add_metric([], float(h.swaps))
         healthy = GaugeMetricFamily("t2_engine_healthy", "1 when the engine is healthy, 0 after a fault.")
         healthy.add_metric([], 1.0 if h.ok else 0.0)
-        return [running, waiting, swaps, healthy]
+        out = [running, waiting, swaps, healthy]
+        grammars = getattr(self.engine, "grammars", None)
+        if grammars is not None:             # structured outputs: the grammar cache (server/engines/structured.py)
+            st = grammars.stats()
+            for name, key, doc in (("t2_grammar_compiles", "compiles", "Grammars compiled (cache misses)."),
+                                   ("t2_grammar_cache_hits", "cache_hits", "Constraints served from the cache."),
+                                   ("t2_grammar_compile_seconds", "compile_seconds",
+                                    "Total time spent compiling grammars.")):
+                fam = CounterMetricFamily(name, doc)
+                fam.add_metric([], float(st[key]))
+                out.append(fam)
+        return out
 
 
 class Metrics:
@@ -112,6 +126,8 @@ class Metrics:
         self.expert_requests = Counter("t2_expert_requests", "Requests whose answer used this expert.",
                                        ["expert"], registry=r)
         self.errors = Counter("t2_request_errors", "Failed /v1 requests by HTTP status.", ["code"], registry=r)
+        self.structured = Counter("t2_structured_requests", "Constrained requests by source (json_schema, "
+                                  "json_object, regex, choice, grammar, tool_call).", ["kind"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -142,6 +158,9 @@ class Metrics:
         self.requests.labels(strategy, label or "", adaptation_label(mix)).inc()
         for expert in mix:
             self.expert_requests.labels(expert).inc()
+
+    def structured_request(self, kind: str) -> None:
+        self.structured.labels(kind).inc()
 
     def error(self, status: int) -> None:
         self.errors.labels(str(status)).inc()

@@ -101,7 +101,7 @@ def _unwanted_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
     ]
 
 
-def build_tiny_llama(path: Path, seed: int = 0) -> Path:
+def build_tiny_llama(path: Path, seed: int = 0, max_position_embeddings: int = 512) -> Path:
     """Write the tiny model, tokenizer and generation config into ``path``; return ``path``."""
     path = Path(path)
     tokenizer = _train_tokenizer()
@@ -114,7 +114,7 @@ def build_tiny_llama(path: Path, seed: int = 0) -> Path:
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=32,
-        max_position_embeddings=512,
+        max_position_embeddings=max_position_embeddings,
         initializer_range=0.3,
         tie_word_embeddings=False,
         bos_token_id=bos_id,

@@ -34,6 +34,18 @@ class T2RequestOptions(_Request):
         "dispatch=explicit.")
 
 
+class StructuredOutputs(_Request):
+    """vLLM's request field `structured_outputs` (vllm serve 0.32): exactly one of these constraints."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    json_: Union[str, dict[str, Any], None] = Field(None, alias="json", description="A JSON schema.")
+    regex: Optional[str] = Field(None, description="A regular expression the whole output matches.")
+    choice: Optional[list[str]] = Field(None, description="The output is exactly one of these strings.")
+    grammar: Optional[str] = Field(None, description="An EBNF (`root ::= ...`) or Lark grammar.")
+    json_object: Optional[bool] = Field(None, description="Any JSON object.")
+
+
 class T2Report(BaseModel):
     """Response extension `t2`: what the dispatch decided and what the two passes cost."""
 
@@ -105,16 +117,43 @@ def response_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+# ---- structured outputs (response_format; vLLM's `structured_outputs` below, in the fenced block) ----
+class JsonSchemaFormat(_Request):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = "response"
+    description: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
 # ---- chat completions ----
 class TextPart(_Request):
     type: Literal["text"]
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str                  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None       # assistant
+    tool_call_id: Optional[str] = None                # tool
 
     def text(self) -> str:
         if self.content is None:
@@ -122,6 +161,27 @@ class ChatMessage(_Request):
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class ChatTool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_ChatRefused):
@@ -135,17 +195,21 @@ class ChatCompletionRequest(_ChatRefused):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     max_tokens: Optional[int] = Field(None, ge=1, description="Deprecated alias of max_completion_tokens.")
     n: int = Field(1, ge=1)
+    parallel_tool_calls: Optional[bool] = True
     presence_penalty: Optional[float] = Field(0.0, ge=-2.0, le=2.0)
+    response_format: Optional[ResponseFormat] = None
     seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1)
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     temperature: Optional[float] = Field(1.0, ge=0.0, le=2.0)
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    tools: Optional[list[ChatTool]] = None
     top_p: Optional[float] = Field(1.0, gt=0.0, le=1.0)
-    tools: Optional[list[dict[str, Any]]] = None
     user: Optional[str] = None
-    # vLLM-compatible extra (used by `vllm bench serve`)
+    # vLLM-compatible extras (ignore_eos: used by `vllm bench serve`; structured_outputs as `vllm serve` 0.32)
     ignore_eos: bool = False
+    structured_outputs: Optional[StructuredOutputs] = None
     # ours
     t2: Optional[T2RequestOptions] = None
 
@@ -153,6 +217,7 @@ class ChatCompletionRequest(_ChatRefused):
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None
 
 
 class TopLogprob(BaseModel):
@@ -187,9 +252,22 @@ class ChatCompletionResponse(BaseModel):
     t2: T2Report
 
 
+class DeltaFunctionCall(BaseModel):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: Optional[DeltaFunctionCall] = None
+
+
 class DeltaMessage(BaseModel):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[DeltaToolCall]] = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -231,6 +309,9 @@ class CompletionRequest(_CompletionRefused):
     top_p: Optional[float] = Field(1.0, gt=0.0, le=1.0)
     user: Optional[str] = None
     ignore_eos: bool = False
+    # vLLM-compatible extras, as `vllm serve` 0.32 accepts them on completions
+    response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[StructuredOutputs] = None
     t2: Optional[T2RequestOptions] = None
 
 

@@ -12,7 +12,9 @@ Contract, per chat or completion request:
      them with other requests of the same adaptation, patches between groups) and stream the answer back
      as OpenAI JSON or SSE chunks (one token per chunk), with `usage` and the `t2` report (what the dispatch
      decided, first-pass and patch times) in the body or the last chunk.
-Every user error is raised as a ServerError (OpenAI-shaped 4xx by the API layer).
+Every user error is raised as a ServerError (OpenAI-shaped 4xx by the API layer). Structured outputs and
+tools (response_format, structured_outputs, tools, tool_choice) are read and answered by server/api/structured.py
+and server/api/tools.py; the first pass never sees them (it classifies the last user message, as without).
 
 Streams are *primed*: `chat`/`completions` return only once the first token is there (the role chunk goes
 out with it), so a full queue, an engine fault or a bad request before the first token is still a plain
@@ -35,6 +37,8 @@ from experts.dispatch import (ANSWER_PREFIX, CLASSIFIER_LABEL, LABEL_SUFFIX, LAB
 from experts.mix import BASE, Adaptation
 from server.api import protocol as P
 from server.api.logprobs import chat_logprobs, completion_logprobs, parse_logit_bias
+from server.api import structured as SO
+from server.api.tools import ToolPlan
 from server.config import ServerConfig
 from server.engines.base import Engine, GenerateRequest, SamplingParams, ScoreRequest, TokenChunk
 from server.errors import InvalidRequest, ModelNotFound, ServerError
@@ -71,6 +75,7 @@ class Prepared:
     echo: bool = False                    # completions: the prompt goes before the completion
     echo_only: bool = False               # completions, max_tokens=0 with echo: only the prompt (scoring)
     prompt_text: str = ""
+    tools: ToolPlan | None = None         # the request's tools (chat), see server/api/tools.py
 
 
 @dataclass
@@ -86,6 +91,7 @@ class Serving:
     def __init__(self, engine: Engine, config: ServerConfig, metrics: Metrics | None = None):
         self.engine, self.config, self.metrics = engine, config, metrics
         self._label_overhead: int | None = None
+        self._template = SO.chat_template(config)
 
     # ---- catalogue ----------------------------------------------------------------------------------
     @property
@@ -143,7 +149,7 @@ class Serving:
         return strategy, explicit
 
     def _check_common(self, req: P.ChatCompletionRequest | P.CompletionRequest, prompt_len: int,
-                      max_tokens: int | None, **sampling: Any) -> list[SamplingParams]:
+                      max_tokens: int | None, constraint: Any = None, **sampling: Any) -> list[SamplingParams]:
         if req.frequency_penalty or req.presence_penalty:
             raise InvalidRequest("frequency_penalty and presence_penalty are not supported (use 0)",
                                  "frequency_penalty" if req.frequency_penalty else "presence_penalty")
@@ -177,34 +183,33 @@ class Serving:
         top_p = 1.0 if req.top_p is None else req.top_p
         return [SamplingParams(max_tokens=mt, temperature=temp, top_p=top_p,
                                seed=None if req.seed is None else (req.seed + i) % (2**63),
-                               stop=tuple(stop), ignore_eos=req.ignore_eos, **sampling) for i in range(req.n)]
+                               stop=tuple(stop), ignore_eos=req.ignore_eos, constraint=constraint, **sampling)
+                for i in range(req.n)]
 
     def _tokenize(self, text: str) -> list[int]:
         return self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _chat_template(self, messages: list[dict[str, str]], suffix: str = "") -> str:
+    def _chat_template(self, messages: list[dict[str, Any]], suffix: str = "", tools: Any = None) -> str:
         try:
-            text = self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = SO.render(self.engine.tokenizer, messages, self._template, tools)
         except Exception as e:  # a template that rejects this conversation (roles, order)
             raise InvalidRequest(f"the chat template rejected these messages: {e}", "messages") from None
         return text + suffix
 
     def _prepare_chat(self, req: P.ChatCompletionRequest) -> Prepared:
-        if req.tools:
-            raise InvalidRequest("tools are not supported", "tools")
         strategy, explicit = self._resolve(req.model, req.t2)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in req.messages]
-        ids = self._tokenize(self._chat_template(messages))
+        messages, plan, constraint = SO.prepare_chat(req, self.engine.grammars, self.config)
+        ids = self._tokenize(self._chat_template(messages, tools=plan and plan.template_tools()))
         users = [m["content"] for m in messages if m["role"] == "user"]
         question = users[-1] if users else "\n".join(m["content"] for m in messages)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidRequest("top_logprobs needs logprobs=true", "top_logprobs")
-        params = self._check_common(req, len(ids), max_tokens,
+        params = self._check_common(req, len(ids), max_tokens, constraint,
                                     logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         return Prepared(ids, question, params, strategy, explicit, req.stream,
-                        bool(req.stream_options and req.stream_options.include_usage), logprobs=bool(req.logprobs))
+                        bool(req.stream_options and req.stream_options.include_usage), logprobs=bool(req.logprobs),
+                        tools=plan)
 
     def _prepare_completion(self, req: P.CompletionRequest) -> Prepared:
         p = req.prompt
@@ -227,7 +232,8 @@ class Serving:
         if not ids:
             raise InvalidRequest("the prompt is empty", "prompt")
         echo_only = req.echo and req.max_tokens == 0       # as vLLM: one token is computed, none returned
-        params = self._check_common(req, len(ids), 1 if echo_only else req.max_tokens, logprobs=req.logprobs,
+        params = self._check_common(req, len(ids), 1 if echo_only else req.max_tokens,
+                                    SO.prepare_completion(req, self.engine.grammars), logprobs=req.logprobs,
                                     prompt_logprobs=req.logprobs if req.echo else None)
         return Prepared(ids, text, params, strategy, explicit, req.stream,
                         bool(req.stream_options and req.stream_options.include_usage),
@@ -291,6 +297,8 @@ class Serving:
     def _record(self, track: _Track, prep: Prepared, d: Dispatched, reqs: Sequence[GenerateRequest]) -> None:
         if self.metrics is None:
             return
+        if prep.params[0].constraint is not None:
+            self.metrics.structured_request(prep.params[0].constraint.source)
         now = time.perf_counter()
         self.metrics.request_done(
             strategy=d.strategy.value, label=d.label, mix=d.adaptation.as_dict(),
@@ -354,8 +362,7 @@ class Serving:
             return _guard_stream(await _primed(self._chat_stream(req.model, prep, d, reqs, track)))
         chunks: list[list[TokenChunk]] = [[] for _ in reqs]
         texts, finish = await self._collect(prep, d, reqs, track, chunks)
-        choices = [P.ChatChoice(index=i, message=P.ResponseMessage(content=t), finish_reason=f,
-                                logprobs=self._chat_logprobs(prep, cs))
+        choices = [SO.chat_choice(i, t, f, prep.tools).model_copy(update={"logprobs": self._chat_logprobs(prep, cs)})
                    for i, (t, f, cs) in enumerate(zip(texts, finish, chunks))]
         return P.ChatCompletionResponse(model=req.model, choices=choices, usage=self._usage(prep, d, reqs),
                                         t2=self._report(d, reqs))
@@ -394,6 +401,7 @@ class Serving:
 
         async def body() -> AsyncIterator[str]:
             finished, track.finish = 0, [None] * len(reqs)
+            outs = [prep.tools.output() for _ in reqs] if prep.tools else None   # tool-call parsing per choice
             try:
                 async with aclosing(self._merged(reqs)) as merged:
                     async for i, c in merged:
@@ -402,15 +410,16 @@ class Serving:
                             for j in range(len(reqs)):
                                 yield chunk([P.ChatChunkChoice(index=j, delta=P.DeltaMessage(role="assistant",
                                                                                              content=""))])
-                        if c.finish_reason is None and not c.text and not (prep.logprobs and c.logprobs):
-                            continue
-                        choice = P.ChatChunkChoice(index=i, delta=P.DeltaMessage(content=c.text or None),
-                                                   finish_reason=c.finish_reason,
-                                                   logprobs=self._chat_logprobs(prep, [c]))
-                        finished += c.finish_reason is not None
-                        track.finish[i] = c.finish_reason or track.finish[i]
-                        last = finished == len(reqs) and not prep.include_usage
-                        yield chunk([choice], t2=self._report(d, reqs) if last else None)
+                        pieces = SO.stream_deltas(outs and outs[i], c)
+                        if not pieces and outs is None and prep.logprobs and c.logprobs:
+                            pieces = [(P.DeltaMessage(), None)]       # a token with no text still has its logprob
+                        for k, (delta, fin) in enumerate(pieces):
+                            choice = P.ChatChunkChoice(index=i, delta=delta, finish_reason=fin,
+                                                       logprobs=self._chat_logprobs(prep, [c]) if k == 0 else None)
+                            finished += fin is not None
+                            track.finish[i] = fin or track.finish[i]
+                            last = finished == len(reqs) and not prep.include_usage
+                            yield chunk([choice], t2=self._report(d, reqs) if last else None)
             finally:
                 self._record(track, prep, d, reqs)
             if prep.include_usage:

@@ -17,6 +17,8 @@ Contract:
 - `load_expert(path)` / `unload_expert(name)` change the loaded experts at runtime (the admin API). They are
   optional: the defaults raise EngineUnavailable("not supported by this engine"). An engine that supports
   them validates a file exactly as at startup, and makes the change between batches, never under one.
+- A `SamplingParams.constraint` (structured outputs) is honoured for every sequence that has one, each under
+  its own grammar, in the same batch as free sequences; `grammars` validates constraints before submission.
 - `health()` returns an `EngineHealth`: ok or not, sequences running and waiting, swaps, the fault, and
   engine-specific `details`; /health serves `to_json()`, /metrics reads the fields.
 - `experts_dir` is the folder the engine loaded its experts from at start (None: none); the admin API
@@ -29,11 +31,14 @@ import abc
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping
 
 from experts.expert import Expert
 from experts.mix import Adaptation
 from server.errors import EngineUnavailable
+
+if TYPE_CHECKING:
+    from server.engines.structured import Constraint, Grammars
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,7 @@ class SamplingParams:
     logprobs: int | None = None            # log p of each sampled token and of the top k (None: none)
     prompt_logprobs: int | None = None     # the same for every prompt token (echo)
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias added to its logit)
+    constraint: "Constraint | None" = None   # structured outputs: the grammar this sequence must follow
 
     @property
     def greedy(self) -> bool:
@@ -143,6 +149,7 @@ class Engine(abc.ABC):
     tokenizer: Any                 # a transformers tokenizer with a chat template
     experts: dict[str, Expert]     # name → expert, checked against this engine's base weights
     max_model_len: int             # prompt + answer tokens
+    grammars: "Grammars | None" = None   # compiles/validates constraints for this tokenizer (structured.py)
 
     @abc.abstractmethod
     async def start(self) -> None: ...

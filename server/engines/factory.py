@@ -64,6 +64,7 @@ class EngineConfig:
     max_wait_ms: float = 500.0
     max_queue: int = 1024
     patch_cache_mb: int = 1024
+    json_any_whitespace: bool = False             # structured outputs: free whitespace in constrained JSON
     vllm: VLLMOptions = field(default_factory=VLLMOptions)
 
     @classmethod
@@ -85,7 +86,7 @@ class EngineConfig:
             experts_required=config.experts is not None, device=config.device, dtype=config.dtype,
             targets=MLP_TARGETS + (ATTENTION_TARGETS if config.attention else ()), cache_dir=cache,
             max_batch=config.max_batch, max_wait_ms=config.max_wait_ms, max_queue=config.max_queue,
-            patch_cache_mb=config.patch_cache_mb,
+            patch_cache_mb=config.patch_cache_mb, json_any_whitespace=config.json_any_whitespace,
             vllm=VLLMOptions(
                 tensor_parallel_size=config.tensor_parallel_size,
                 pipeline_parallel_size=config.pipeline_parallel_size,
@@ -98,7 +99,8 @@ class EngineConfig:
         """The keyword arguments every engine's constructor takes."""
         return dict(name=self.name, experts_dir=self.experts_dir, device=self.device, dtype=self.dtype,
                     targets=self.targets, cache_dir=self.cache_dir, max_batch=self.max_batch,
-                    max_wait_ms=self.max_wait_ms, max_queue=self.max_queue, patch_cache_mb=self.patch_cache_mb)
+                    max_wait_ms=self.max_wait_ms, max_queue=self.max_queue, patch_cache_mb=self.patch_cache_mb,
+                    json_any_whitespace=self.json_any_whitespace)
 
 
 def check_startup(cfg: EngineConfig) -> None:

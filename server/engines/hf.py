@@ -8,7 +8,9 @@ Contract:
   * scoring (the dispatch pass): one left-padded prefill, then a constrained choice among the candidates'
     first tokens (a further step only for candidates that share a first token);
   * generation: left-padded prefill + decode with a KV cache, per-row sampling (greedy, temperature,
-    top_p, seeded generators), stop strings, eos, max_tokens; finished or cancelled rows leave the batch.
+    top_p, seeded generators), stop strings, eos, max_tokens; finished or cancelled rows leave the batch;
+    a row with a constraint (structured outputs) has its own xgrammar matcher, which masks that row's
+    logits before it samples and advances on the token it took (server/engines/structured.py).
 - Results reach the event loop through `loop.call_soon_threadsafe`; the loop never runs model code.
 - A fault in a batch fails the requests of that batch (they get the exception), /health reports the fault
   until a batch succeeds again, and the worker goes on. `fault_hook` (tests only) is called before every
@@ -41,6 +43,7 @@ from server.engines.detok import Detokenizer
 from server.engines.common import check_servable, label_walk, load_experts, resolve_device, resolve_dtype, walk_sync
 from server.engines.sampling import new_generator, prompt_logprobs, sample, token_logprob
 from server.engines.scheduler import GENERATE, SCORE, Batch, Job, Scheduler
+from server.engines.structured import Grammars
 from server.errors import Conflict, EngineUnavailable, ModelNotFound
 
 log = logging.getLogger("t2.engine.hf")
@@ -62,7 +65,7 @@ class HFEngine(Engine):
     def __init__(self, model_dir: Path, *, name: str | None = None, experts_dir: Path | None = None,
                  device: str = "auto", dtype: str = "auto", targets: tuple[str, ...] | None = None,
                  cache_dir: Path = Path(".cache/t2"), max_batch: int = 8, max_wait_ms: float = 500,
-                 max_queue: int = 1024, patch_cache_mb: int = 1024):
+                 max_queue: int = 1024, patch_cache_mb: int = 1024, json_any_whitespace: bool = False):
         from experts.svd import MLP_TARGETS
         self.model_dir = Path(model_dir)
         self.model_name = name or self.model_dir.name
@@ -72,6 +75,7 @@ class HFEngine(Engine):
         self.targets = tuple(targets or MLP_TARGETS)
         self.cache_dir = Path(cache_dir)
         self.patch_cache_bytes = patch_cache_mb << 20
+        self.json_any_whitespace = json_any_whitespace
         self.scheduler = Scheduler(max_batch=max_batch, max_wait_s=max_wait_ms / 1e3, max_queue=max_queue)
         self.experts: dict[str, Expert] = {}
         self.fingerprint = ""
@@ -103,6 +107,9 @@ class HFEngine(Engine):
         self.max_model_len = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        # structured outputs: grammars over the model's whole logit width, ending on its eos tokens
+        self.grammars = Grammars(self.tokenizer, int(self.model.get_output_embeddings().weight.shape[0]),
+                                 self.eos_ids, any_whitespace=self.json_any_whitespace)
         # 2. factors
         factors, self.fingerprint = load_factors(
             self.model_dir, self.cache_dir / "factors" / self.model_dir.name, self.targets, device=self.device)
@@ -307,7 +314,7 @@ class HFEngine(Engine):
         cache is merged, left-padded). Rows leave the batch as soon as they finish or are cancelled.
         """
         # 1. prefill the first rows
-        rows = [_Row(j, self.tokenizer, self.device) for j in jobs]
+        rows = [_Row(j, self.tokenizer, self.device, self.grammars) for j in jobs]
         cache, logits, mask = self._prefill_rows(rows)
         positions = mask.sum(-1, keepdim=True) - 1                 # [B, 1] last position of each row
         while rows:
@@ -342,7 +349,7 @@ class HFEngine(Engine):
             # 5. newcomers: prefill, then merge into the running batch
             if joiners:
                 self._start(joiners, 0.0)
-                new = [_Row(j, self.tokenizer, self.device) for j in joiners]
+                new = [_Row(j, self.tokenizer, self.device, self.grammars) for j in joiners]
                 self.joined += len(new)
                 c2, l2, m2 = self._prefill_rows(new)
                 p2 = m2.sum(-1, keepdim=True) - 1
@@ -376,12 +383,14 @@ class HFEngine(Engine):
 
 
 class _Row:
-    """One sequence of a generation batch: its job, detokenizer, sampler and token count."""
+    """One sequence of a generation batch: its job, detokenizer, sampler, grammar matcher and token count."""
 
-    def __init__(self, job: Job, tokenizer: Any, device: torch.device):
+    def __init__(self, job: Job, tokenizer: Any, device: torch.device, grammars: Grammars | None = None):
         self.job, self.req = job, job.payload
         self.detok = Detokenizer(tokenizer, self.req.params.stop)
         self.gen = new_generator(self.req.params.seed, device)
+        c = self.req.params.constraint
+        self.matcher = grammars.matcher(c) if c is not None and grammars is not None else None
         self.count = 0
         self.req.stats.prompt_tokens = len(self.req.prompt_ids)
         self.prompt_lps: tuple | None = None     # set by the prefill when the request asks (echo)
@@ -392,11 +401,17 @@ class _Row:
             self.job.sink.put(TokenChunk("", (), "abort"))
             return None
         p = self.req.params
+        raw = logits                      # log-probabilities are the model's own (vLLM's raw logprobs_mode)
+        if self.matcher is not None:      # structured outputs: this row's grammar masks this row's logits only
+            logits = logits.clone() if p.logprobs is not None else logits
+            self.matcher.mask(logits)
         tok = sample(logits, p, self.gen)
+        if self.matcher is not None:
+            self.matcher.accept(tok)
         self.count += 1
         self.req.stats.completion_tokens = self.count
         finish, ids = None, (tok,)
-        if tok in eos_ids and not p.ignore_eos:
+        if tok in eos_ids and (not p.ignore_eos or self.matcher is not None):
             text, finish = self.detok.flush(), "stop"      # the eos id is reported (as vLLM), never its text
         else:
             text, stopped = self.detok.push(tok)
@@ -404,7 +419,7 @@ class _Row:
                 finish = "stop"
             elif self.count >= p.max_tokens:
                 text, finish = text + self.detok.flush(), "length"
-        lps = None if p.logprobs is None else tuple(token_logprob(logits, t, p.logprobs) for t in ids)
+        lps = None if p.logprobs is None else tuple(token_logprob(raw, t, p.logprobs) for t in ids)
         plps, self.prompt_lps = self.prompt_lps, None          # on the first chunk only
         self.job.sink.put(TokenChunk(text, ids, finish, lps, plps))
         return tok if finish is None else None

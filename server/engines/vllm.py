@@ -21,6 +21,9 @@ vllm_worker.py, does not). Contract:
   ignore_eos, max_tokens, logprobs, prompt_logprobs, logit_bias; n is n requests, one per choice) and
   streams vLLM's text deltas as TokenChunks, with vLLM's (raw) log-probabilities converted by
   `sampling.from_ranked`.
+  A constraint (structured outputs) goes to vLLM's own `StructuredOutputsParams` (backend xgrammar, compact
+  JSON unless --json-any-whitespace), with the control-character tokens left out of `allowed_token_ids`
+  for compact JSON (server/engines/structured.py); `self.grammars` only validates constraints up front.
 - `score_labels` is one prefill: a 1-token generation restricted (`allowed_token_ids`) to the candidates'
   first tokens, with the raw log-probabilities of exactly those tokens (`logprob_token_ids`); candidates that
   share a first token are told apart by one more such step each, like hf.py.
@@ -51,7 +54,8 @@ from vllm import SamplingParams as VSamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
-from vllm.sampling_params import RequestOutputKind
+from vllm.config import StructuredOutputsConfig
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from experts.expert import Expert
@@ -61,6 +65,7 @@ from server.engines.admission import AdmissionGate, GatePass
 from server.engines.base import (Engine, EngineHealth, GenerateRequest, LabelScores, RequestStats, ScoreRequest,
                                  TokenChunk)
 from server.engines.sampling import from_ranked
+from server.engines.structured import Constraint, Grammars
 from server.engines.common import (check_servable, label_walk, load_experts, resolve_device, resolve_dtype,
                                    walk_async)
 from server.engines.factory import StartupError
@@ -119,7 +124,8 @@ class VLLMEngine(Engine):
                  max_queue: int = 1024, patch_cache_mb: int = 1024, tensor_parallel_size: int = 1,
                  pipeline_parallel_size: int = 1, distributed_executor_backend: str | None = None,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.85,
-                 enforce_eager: bool | None = None, engine_args: Mapping[str, Any] | None = None):
+                 enforce_eager: bool | None = None, engine_args: Mapping[str, Any] | None = None,
+                 json_any_whitespace: bool = False):
         self.model_dir = Path(model_dir)
         self.model_name = name or self.model_dir.name
         self.experts_dir = experts_dir
@@ -128,6 +134,7 @@ class VLLMEngine(Engine):
         self.targets = tuple(targets or MLP_TARGETS)
         self.cache_dir = Path(cache_dir)
         self.patch_cache_bytes = patch_cache_mb << 20
+        self.json_any_whitespace = json_any_whitespace
         self.max_batch, self.tp, self.pp = max_batch, tensor_parallel_size, pipeline_parallel_size
         self._executor = distributed_executor_backend
         self._max_model_len, self._gpu_mem, self._eager = max_model_len, gpu_memory_utilization, enforce_eager
@@ -167,6 +174,10 @@ class VLLMEngine(Engine):
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         cfg = AutoConfig.from_pretrained(self.model_dir)
         self.max_model_len = int(self._max_model_len or getattr(cfg, "max_position_embeddings", 2048))
+        # structured outputs are decoded by vLLM itself; this compiles them once only to check them (a bad
+        # schema is the same 400 as on the embedded engine, before vLLM sees it)
+        self.grammars = Grammars(self.tokenizer, int(cfg.vocab_size), _eos_ids(self.model_dir, self.tokenizer),
+                                 any_whitespace=self.json_any_whitespace)
         # 3. experts, checked against the base as in hf.py
         self.spectra = read_spectra(self._factors_file, ranks)       # [rank] each: the rescale check
         self.experts = load_experts(self.experts_dir, ranks, self.fingerprint, self.model_name, self.spectra)
@@ -179,7 +190,10 @@ class VLLMEngine(Engine):
         args: dict[str, Any] = dict(
             model=str(self.model_dir), tokenizer=str(self.model_dir), served_model_name=self.model_name,
             dtype=str(self.dtype).split(".")[-1], max_num_seqs=self.max_batch,
-            enable_prefix_caching=True, worker_extension_cls=WORKER_EXTENSION, seed=0, disable_log_stats=True)
+            enable_prefix_caching=True, worker_extension_cls=WORKER_EXTENSION, seed=0, disable_log_stats=True,
+            # structured outputs with xgrammar, compact JSON unless --json-any-whitespace (structured.py)
+            structured_outputs_config=StructuredOutputsConfig(
+                backend="xgrammar", disable_any_whitespace=not self.json_any_whitespace))
         # ---- parallelism and memory: ServerConfig → EngineConfig → here (issue 11, part 1) ----
         ranks = self.tp * self.pp
         args.update(
@@ -266,9 +280,12 @@ class VLLMEngine(Engine):
         p = request.params
         params = VSamplingParams(
             n=1, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed,
-            stop=list(p.stop) or None, ignore_eos=p.ignore_eos, output_kind=RequestOutputKind.DELTA,
-            skip_special_tokens=True, logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs,
-            logit_bias=dict(p.logit_bias) or None)     # vLLM's logprobs: raw (its default logprobs_mode)
+            stop=list(p.stop) or None, ignore_eos=p.ignore_eos and p.constraint is None,
+            output_kind=RequestOutputKind.DELTA, skip_special_tokens=True,
+            logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs,
+            logit_bias=dict(p.logit_bias) or None,      # vLLM's logprobs: raw (its default logprobs_mode)
+            structured_outputs=_structured_outputs(p.constraint),
+            allowed_token_ids=self.grammars.allowed_ids(p.constraint) if p.constraint is not None else None)
         request.stats.prompt_tokens = len(request.prompt_ids)
         count, prompt_sent = 0, p.prompt_logprobs is None
         async for out in self._run(request.prompt_ids, params, request.adaptation, request.stats):
@@ -302,3 +319,32 @@ class VLLMEngine(Engine):
             last = out
         step = last.outputs[0].logprobs[0]                   # {token id: Logprob} for this one position
         return {t: (step[t].logprob if t in step else -math.inf) for t in allowed}
+
+
+def _structured_outputs(c: Constraint | None) -> StructuredOutputsParams | None:
+    """Our Constraint as vLLM's own structured-outputs request (vLLM compiles and applies the grammar)."""
+    if c is None:
+        return None
+    if c.kind == "json":
+        return StructuredOutputsParams(json=c.spec)
+    if c.kind == "choice":
+        return StructuredOutputsParams(choice=json.loads(c.spec))
+    if c.kind == "regex":
+        return StructuredOutputsParams(regex=c.spec)
+    return StructuredOutputsParams(grammar=c.spec)
+
+
+def _eos_ids(model_dir: Path, tokenizer: Any) -> set[int]:
+    """The ids a constrained output may end on: the generation config's eos and the tokenizer's."""
+    from transformers import GenerationConfig
+    ids: set[int] = set()
+    try:
+        gen = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:
+        gen = None
+    for src in (gen, tokenizer.eos_token_id):
+        if isinstance(src, int):
+            ids.add(src)
+        elif src:
+            ids.update(int(x) for x in src)
+    return ids or {0}
