@@ -8,6 +8,10 @@ vllm_worker.py, does not). Contract:
   checked against the base exactly as in hf.py (`load_experts`); 2. the AsyncLLM starts with
   `worker_extension_cls` = vllm_worker.SVFWorkerExtension; 3. `collective_rpc("t2_init")` hands each worker
   the factor file, the adapted names and the expert files: each computes W' on its own device from then on.
+- Engine arguments (`_engine_args`, no model work): ours (model, dtype, max_num_seqs, the worker extension,
+  prefix caching), then the parallelism/memory settings of EngineConfig (tensor/pipeline parallel size,
+  executor, max_model_len, GPU memory share, eager), then the pass-through, checked in the constructor by
+  `check_engine_args` against AsyncEngineArgs' own fields and types; it never overrides what t2 sets.
 - Invariant (server/engines/admission.py): requests are admitted per adaptation by an `AdmissionGate` (the Scheduler's
   policy: the current adaptation keeps the weights until another has waited `max_wait_ms`; then its admitted
   requests drain, the weights swap with `collective_rpc("t2_apply")`, and the waiting group is admitted).
