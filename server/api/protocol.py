@@ -75,7 +75,6 @@ class _ChatRefused(_Request):
     reasoning_effort: Optional[str] = None
     service_tier: Optional[str] = None                # neutral: "auto" | "default"
     store: Optional[bool] = None                      # neutral: false
-    metadata: Optional[dict[str, Any]] = None         # only meaningful with store
     web_search_options: Optional[Any] = None
     verbosity: Optional[str] = None
 
@@ -87,7 +86,7 @@ class _CompletionRefused(_Request):
 # name → the values that mean "not used" (None always does)
 REFUSED: dict[str, tuple[Any, ...]] = {
     "audio": (), "function_call": (), "functions": (), "modalities": (["text"],), "prediction": (),
-    "reasoning_effort": (), "service_tier": ("auto", "default"), "store": (False,), "metadata": ({},),
+    "reasoning_effort": (), "service_tier": ("auto", "default"), "store": (False,),
     "web_search_options": (), "verbosity": (), "best_of": (1,)}
 
 

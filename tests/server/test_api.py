@@ -135,7 +135,7 @@ def test_bad_json_and_wrong_types(http):
 
 @pytest.mark.parametrize("field,value", [("temperature", 2.5), ("temperature", -1), ("top_p", 0), ("top_p", 1.5),
                                          ("n", 0), ("n", 99), ("max_tokens", 0), ("max_tokens", 10**6),
-                                         ("stop", ["x"] * 17), ("logprobs", True), ("presence_penalty", 1.0),
+                                         ("stop", ["x"] * 17), ("top_logprobs", 21), ("logit_bias", {"x": 1}), ("presence_penalty", 1.0),
                                          ("stream_options", {"include_usage": True})])
 def test_out_of_range_values(http, field, value):
     err = error_of(http.post("/v1/chat/completions", json={"model": "auto", "messages": MSG, field: value}), 400)
