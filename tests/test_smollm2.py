@@ -68,8 +68,10 @@ def test_the_shipped_expert_set_is_served_by_default(smol):
     assert r.choices[0].message.content and r.model_extra["t2"]["mix"] == {"humaneval-fewshot": 1.0}
     # the trained classification expert routes clear questions of each family to that family's expert
     for question, label in (("Tom has 12 apples and eats 5. How many apples does Tom have left?", "math"),
-                            ("Write a Python function that returns the reverse of a list.", "code")):
+                            ("Write a Python function that returns the reverse of a list.", "code"),
+                            ("why is the sky blue", "reasoning"), ("write a haiku about autumn", "other")):
         r = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": question}],
                                            temperature=0, max_tokens=4, extra_body={"t2": {"dispatch": "classifier"}})
         t2 = r.model_extra["t2"]
-        assert t2["strategy"] == "classifier" and t2["label"] == label and t2["mix"] == {label: 1.0}
+        assert t2["strategy"] == "classifier" and t2["label"] == label
+        assert t2["mix"] == ({label: 1.0} if label != "other" else {})      # other → the base weights
