@@ -67,7 +67,7 @@ def make_engine(config: ServerConfig) -> Engine:
         from server.engines.vllm import VLLMEngine  # the only path that imports vllm
         return VLLMEngine(model_dir, **kwargs)
     from server.engines.hf import HFEngine
-    return HFEngine(model_dir, **kwargs)
+    return HFEngine(model_dir, max_adaptations=config.max_adaptations, **kwargs)
 
 
 def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
