@@ -12,8 +12,9 @@ Contract:
   * dense: every row of the step belongs to the adaptation the weights hold (the ModelPatcher's W'): no
     extra cost, exactly today's path;
   * factored: y = ((x·Vhᵀ) ⊙ G[slot of the row])·U_sᵀ for each adapted linear: exact for any mix.
-  When the running rows have all been of one other adaptation for `swap_after` steps, the weights are
-  patched to it (a copy when its W' is cached) and the steps go dense again. So no row is ever computed
+  When the running rows have all been of one other adaptation for a few steps (`swap_after` when its W' is
+  cached or the base, a copy; `compose_after` when it must be composed), the weights are patched to it (the
+  factored rows never read them) and the steps go dense again. So no row is ever computed
   with another request's gains, and one-adaptation traffic runs as fast as before.
 - scoring (the dispatch pass): one left-padded prefill, then a constrained choice among the candidates'
   first tokens (a further step only for candidates that share a first token); generation: left-padded
@@ -47,7 +48,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from experts.errors import ExpertNotFound
 from experts.expert import Expert
 from experts.factored import GainTable, gains_of
-from experts.mix import Adaptation, experts_of_key, mix_z
+from experts.mix import BASE_NAME, Adaptation, experts_of_key, mix_z
 from experts.patch import ModelPatcher, SVFMatrix
 from experts.svd import load_factors
 from server.engines.base import (Engine, GenerateRequest, LabelScores, ScoreRequest, TokenChunk)
@@ -88,7 +89,8 @@ class HFEngine(Engine):
                  device: str = "auto", dtype: str = "auto", targets: tuple[str, ...] | None = None,
                  cache_dir: Path = Path(".cache/t2"), max_batch: int = 8, max_wait_ms: float = 500,
                  max_queue: int = 1024, patch_cache_mb: int = 1024, max_adaptations: int = 32,
-                 swap_after: int | None = 8, unload_timeout_s: float = 60.0):
+                 swap_after: int | None = 4, compose_after: int = 128,
+                 unload_timeout_s: float = 60.0):
         from experts.svd import MLP_TARGETS
         self.model_dir = Path(model_dir)
         self.model_name = name or self.model_dir.name
@@ -101,6 +103,7 @@ class HFEngine(Engine):
         self.scheduler = Scheduler(max_batch=max_batch, max_wait_s=max_wait_ms / 1e3, max_queue=max_queue)
         self.slots = Slots(max_adaptations)
         self.swap_after = swap_after             # None: never swap (always factored unless already patched)
+        self.compose_after = compose_after       # same, when W' must be composed (not cached): far dearer
         self.unload_timeout_s = unload_timeout_s
         self.experts: dict[str, Expert] = {}
         self.fingerprint = ""
@@ -309,8 +312,8 @@ class HFEngine(Engine):
                 self._decode()                                               # 4.
             if joiners:
                 self._run_new(Batch(JobKind.GENERATE, joiners))              # 5.
-            if not self._rows and not scores and not joiners:
-                sched.wait(timeout=0.5)
+            if not self._rows and not scores and not joiners and sched.wait(timeout=0.5):
+                time.sleep(0.005)      # work waits but none could be admitted (no slot yet): don't spin
 
     def _run_control(self) -> None:
         for _ in range(len(self._control)):
@@ -371,14 +374,17 @@ class HFEngine(Engine):
         """Choose dense or factored for a forward over these jobs' rows (in batch order); count it.
 
         Dense only if every row is of the adaptation the weights hold. A decode step whose rows have all
-        been of one other adaptation for `swap_after` steps patches the weights to it first."""
+        been of one other adaptation for `swap_after` steps (its W' cached or the base: the patch is a copy,
+        worth ~3 factored steps) or `compose_after` steps (W' composed from the factors: ~150 steps' worth)
+        patches the weights to it first (benchmarks/bench_factored.py measures both sides)."""
         keys = {j.adaptation.key for j in jobs}
         key = next(iter(keys)) if len(keys) == 1 else ""
         if decode:
             n = self._uniform[1] + 1 if key and key == self._uniform[0] else 1
             self._uniform = (key, n)
+            cheap = key == BASE_NAME or key in self.patcher.cached_keys       # a copy, not a composition
             if (key and key != self.patcher.current and self.swap_after is not None
-                    and n >= self.swap_after):
+                    and n >= (self.swap_after if cheap else self.compose_after)):
                 self._apply(jobs[0].adaptation)          # weights := that adaptation; factored rows unaffected
         if key and key == self.patcher.current:
             self.path.dense()
