@@ -51,7 +51,7 @@ from experts.factored import GainTable, gains_of
 from experts.mix import BASE_NAME, Adaptation, experts_of_key, mix_z
 from experts.patch import ModelPatcher, SVFMatrix
 from experts.svd import load_factors
-from server.engines.base import (Engine, GenerateRequest, LabelScores, ScoreRequest, TokenChunk)
+from server.engines.base import Engine, EngineHealth, GenerateRequest, LabelScores, ScoreRequest, TokenChunk
 from server.engines.detok import Detokenizer
 from server.engines.common import check_servable, label_walk, load_experts, resolve_device, resolve_dtype, walk_sync
 from server.engines.sampling import new_generator, sample
@@ -167,18 +167,17 @@ class HFEngine(Engine):
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10)
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> EngineHealth:
         alive = self._thread is not None and self._thread.is_alive()
-        return {"status": "ok" if alive and not self._fault else "error", "engine": "hf",
-                "device": str(self.device), "dtype": str(self.dtype).split(".")[-1],
-                "adaptation": self.patcher.current if alive else None, "waiting": self.scheduler.waiting(),
-                "running": len(self._rows),
-                "swaps": self.patcher.swaps if alive else 0, "fault": self._fault,
-                # mixed batches
+        return EngineHealth(
+            ok=alive and not self._fault, engine="hf", device=str(self.device), dtype=str(self.dtype).split(".")[-1],
+            adaptation=self.patcher.current if alive else None, running=len(self._rows),
+            waiting=self.scheduler.waiting(), swaps=self.patcher.swaps if alive else 0, fault=self._fault,
+            details={   # mixed batches: gain slots, forwards by path, distinct adaptations per forward
                 "slots": self.slots.capacity, "slots_used": self.slots.used(), "slots_held": self.slots.held(),
                 "slot_fills": self.slots.fills, "steps_dense": self.steps["dense"],
                 "steps_factored": self.steps["factored"], "step_adaptations": self.step_adaptations,
-                "step_adaptations_sum": self.step_adaptations_sum}
+                "step_adaptations_sum": self.step_adaptations_sum})
 
     # -- the async surface -------------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:

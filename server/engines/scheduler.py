@@ -30,9 +30,12 @@ from experts.mix import Adaptation
 from server.errors import Overloaded
 
 
-class JobKind(enum.Enum):
+class JobKind(str, enum.Enum):
     SCORE = "score"          # the dispatch pass: one prefill, a constrained choice
     GENERATE = "generate"    # an answer: prefill, then decode steps
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(eq=False)

@@ -55,9 +55,9 @@ def serial_and_concurrent(server, todo):
     async def main():
         async with AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=300) as client:
             serial = [await ask(client, *c) for c in todo]
-            h0 = server.engine.health()
+            h0 = server.engine.health().to_json()
             concurrent = await asyncio.gather(*(ask(client, *c) for c in todo))
-            return serial, concurrent, h0, server.engine.health()
+            return serial, concurrent, h0, server.engine.health().to_json()
     return asyncio.run(main())
 
 
@@ -174,7 +174,7 @@ def test_unload_while_its_rows_run(tiny_model_dir, tiny_experts_dir, tmp_path):
         finish = [f for f in finish if f]
         assert finish[-1] == "length"                                          # the running row finished
         assert done == [False]                                                 # unload returned after it
-        assert "math" not in s.engine.experts and s.engine.health()["slots_held"] == 0
+        assert "math" not in s.engine.experts and s.engine.health().details["slots_held"] == 0
         del s.engine.model.forward
         ok = httpx.post(url, json={**body, "model": "tiny-llama:code", "max_tokens": 3}, timeout=60)
         assert ok.status_code == 200
