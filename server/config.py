@@ -46,7 +46,10 @@ class ServerConfig(BaseModel):
         None, description="Cache of converted models and SVD factors. Default: $T2_CACHE_DIR or ~/.cache/t2.")
     max_batch: int = Field(8, ge=1, le=256, description="Most sequences in one batch.")
     max_wait_ms: float = Field(
-        500.0, ge=0, description="Longest a request waits while another adaptation keeps the weights.")
+        500.0, ge=0, description="Longest a request waits for a gain slot before younger requests stop "
+        "being admitted ahead of it.")
+    max_adaptations: int = Field(
+        32, ge=1, le=4096, description="Most distinct adaptations live in one batch (gain slots, hf engine).")
     max_queue: int = Field(1024, ge=1, description="Most waiting sequences; beyond, requests get 429.")
     patch_cache_mb: int = Field(
         1024, ge=0, description="Memory for recently used patched weights (hot swaps are a copy).")

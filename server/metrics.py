@@ -20,6 +20,8 @@ Series (`model_name` label on every vllm: series, as vLLM does):
   vllm:request_prompt_tokens, vllm:request_generation_tokens            histograms
   t2_first_pass_seconds{strategy}, t2_patch_seconds, t2_queue_wait_seconds   histograms
   t2_swaps_total                                                        counter (from the engine)
+  t2_steps_total{path=dense|factored}                                   counter (from the engine)
+  t2_step_adaptations, t2_step_adaptations_sum_total                    gauge, counter (from the engine)
   t2_requests_total{strategy,label,adaptation}, t2_expert_requests_total{expert}   counters
   t2_request_errors_total{code}                                         counter (HTTP status of failures)
   t2_engine_healthy                                                     gauge (1 ok, 0 fault)
@@ -79,7 +81,17 @@ class _EngineCollector(Collector):
         swaps.add_metric([], float(h.swaps))
         healthy = GaugeMetricFamily("t2_engine_healthy", "1 when the engine is healthy, 0 after a fault.")
         healthy.add_metric([], 1.0 if h.ok else 0.0)
-        out = [running, waiting, swaps, healthy]
+        d = h.details   # mixed batches (engines that report them): forwards by path, adaptations per forward
+        steps = CounterMetricFamily("t2_steps", "Model forwards by path (dense: patched weights; factored: "
+                                    "per-row gains).", labels=["path"])
+        for path in ("dense", "factored"):
+            steps.add_metric([path], float(d.get(f"steps_{path}") or 0))
+        adapt = GaugeMetricFamily("t2_step_adaptations", "Distinct adaptations in the last forward.")
+        adapt.add_metric([], float(d.get("step_adaptations") or 0))
+        adapt_sum = CounterMetricFamily("t2_step_adaptations_sum", "Distinct adaptations per forward, summed "
+                                        "(÷ t2_steps_total: the mean).")
+        adapt_sum.add_metric([], float(d.get("step_adaptations_sum") or 0))
+        out = [running, waiting, swaps, healthy, steps, adapt, adapt_sum]
         grammars = getattr(self.engine, "grammars", None)
         if grammars is not None:             # structured outputs: the grammar cache (server/engines/structured.py)
             st = grammars.stats()

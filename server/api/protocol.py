@@ -58,6 +58,9 @@ class T2Report(BaseModel):
     first_pass_ms: float = Field(description="Wall time of the dispatch pass, queueing included.")
     patch_ms: float = Field(description="Time of the weight swap the second pass needed (0 if none).")
     queue_ms: float = Field(description="Time the second pass waited for its batch and weights.")
+    path: Literal["dense", "factored"] = Field(
+        "dense", description="How the answer was computed: dense (patched weights) or factored (per-row "
+        "gains, in a batch mixing adaptations); factored if any step of any choice was.")
 
 
 class T2Usage(BaseModel):

@@ -281,7 +281,8 @@ class Serving:
                           mix=d.adaptation.as_dict(), adaptation=d.adaptation.key,
                           first_pass_ms=round(d.first_pass_ms, 2),
                           patch_ms=round(max(r.stats.patch_ms for r in reqs), 3),
-                          queue_ms=round(max(r.stats.queue_ms for r in reqs), 2))
+                          queue_ms=round(max(r.stats.queue_ms for r in reqs), 2),
+                          path="factored" if any(r.stats.path == "factored" for r in reqs) else "dense")
 
     def _usage(self, prep: Prepared, d: Dispatched, reqs: Sequence[GenerateRequest]) -> P.Usage:
         completion = 0 if prep.echo_only else sum(r.stats.completion_tokens for r in reqs)

@@ -67,6 +67,7 @@ class RequestStats:
     created: float = field(default_factory=time.perf_counter)
     started: float | None = None          # when its batch started (after the wait and the patch)
     patch_ms: float = 0.0                 # the swap its batch needed (0: the weights were already right)
+    path: str = "dense"                   # "factored" if any of its forwards ran the factored form
     prompt_tokens: int = 0
     completion_tokens: int = 0
 

@@ -65,6 +65,7 @@ class EngineConfig:
     max_queue: int = 1024
     patch_cache_mb: int = 1024
     json_any_whitespace: bool = False             # structured outputs: free whitespace in constrained JSON
+    max_adaptations: int = 32                     # gain slots of the embedded engine (mixed batches)
     vllm: VLLMOptions = field(default_factory=VLLMOptions)
 
     @classmethod
@@ -87,6 +88,7 @@ class EngineConfig:
             targets=MLP_TARGETS + (ATTENTION_TARGETS if config.attention else ()), cache_dir=cache,
             max_batch=config.max_batch, max_wait_ms=config.max_wait_ms, max_queue=config.max_queue,
             patch_cache_mb=config.patch_cache_mb, json_any_whitespace=config.json_any_whitespace,
+            max_adaptations=config.max_adaptations,
             vllm=VLLMOptions(
                 tensor_parallel_size=config.tensor_parallel_size,
                 pipeline_parallel_size=config.pipeline_parallel_size,
@@ -146,4 +148,4 @@ def make_engine(cfg: EngineConfig) -> Engine:
                           max_model_len=o.max_model_len, gpu_memory_utilization=o.gpu_memory_utilization,
                           enforce_eager=o.enforce_eager, engine_args=o.engine_args)
     from server.engines.hf import HFEngine
-    return HFEngine(cfg.model_dir, **cfg.engine_kwargs())
+    return HFEngine(cfg.model_dir, **cfg.engine_kwargs(), max_adaptations=cfg.max_adaptations)

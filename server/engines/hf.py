@@ -3,21 +3,32 @@
 Contract:
 - Serves any local HF folder of the Llama / Mistral / Qwen2 families (safetensors), on CPU or CUDA; with a
   GPU the factors live on the GPU and patching happens there.
-- One worker thread owns the model. It takes batches from the Scheduler (one adaptation per batch), patches
-  the weights through the ModelPatcher when the batch needs other weights, and runs the batch:
-  * scoring (the dispatch pass): one left-padded prefill, then a constrained choice among the candidates'
-    first tokens (a further step only for candidates that share a first token);
-  * generation: left-padded prefill + decode with a KV cache, per-row sampling (greedy, temperature,
-    top_p, seeded generators), stop strings, eos, max_tokens; finished or cancelled rows leave the batch;
-    a row with a constraint (structured outputs) has its own xgrammar matcher, which masks that row's
-    logits before it samples and advances on the token it took (server/engines/structured.py).
+- One worker thread owns the model and runs one continuous batch whose rows may belong to any number of
+  adaptations. Between two decode steps it takes (server/engines/scheduler.py) waiting first passes (run
+  at once, their own prefill) and newcomers (prefilled, then merged into the running batch), oldest first,
+  each only if its adaptation has a gain slot (server/engines/slots.py, at most `max_adaptations` live
+  adaptations); a request without a slot waits and does not hold up the others.
+- Every forward takes one of two paths (server/engines/hf_factored.py), chosen per step:
+  * dense: every row of the step belongs to the adaptation the weights hold (the ModelPatcher's W'): no
+    extra cost, exactly today's path;
+  * factored: y = ((x·Vhᵀ) ⊙ G[slot of the row])·U_sᵀ for each adapted linear: exact for any mix.
+  When the running rows have all been of one other adaptation for a few steps (`swap_after` when its W' is
+  cached or the base, a copy; `compose_after` when it must be composed), the weights are patched to it (the
+  factored rows never read them) and the steps go dense again. So no row is ever computed
+  with another request's gains, and one-adaptation traffic runs as fast as before.
+- scoring (the dispatch pass): one left-padded prefill, then a constrained choice among the candidates'
+  first tokens (a further step only for candidates that share a first token); generation: left-padded
+  prefill + decode with a KV cache, per-row sampling (greedy, temperature, top_p, seeded generators), stop
+  strings, eos, max_tokens; finished or cancelled rows leave the batch and release their slot. A row with a
+  constraint (structured outputs) has its own xgrammar matcher, which masks that row's logits before it
+  samples and advances on the token it took (server/engines/structured.py).
 - Results reach the event loop through `loop.call_soon_threadsafe`; the loop never runs model code.
-- A fault in a batch fails the requests of that batch (they get the exception), /health reports the fault
-  until a batch succeeds again, and the worker goes on. `fault_hook` (tests only) is called before every
-  batch; whatever it raises is such a fault.
-- Runtime expert changes (`load_expert` / `unload_expert`) run as control work in the worker thread
-  between batches: the weights never change under a running batch. Unloading drops every cached patched
-  weight set containing that expert; queued requests for it fail with a 404.
+- A fault fails the requests of the failing forward (newcomers' prefill: them; a decode step: the running
+  rows), /health reports it until a forward succeeds again, and the worker goes on. `fault_hook` (tests
+  only) is called before newcomers are run; whatever it raises is such a fault.
+- Runtime expert changes run as control work in the worker between steps. Unloading: from the moment it
+  starts, new requests for the expert get 404 and waiting ones fail with 404; rows already running finish
+  (or are aborted after `unload_timeout_s`), and the unload returns once they have.
 """
 
 from __future__ import annotations
@@ -25,24 +36,30 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from experts.errors import ExpertNotFound
 from experts.expert import Expert
-from experts.mix import Adaptation, experts_of_key, mix_z
+from experts.factored import GainTable, gains_of
+from experts.mix import BASE_NAME, Adaptation, experts_of_key, mix_z
 from experts.patch import ModelPatcher, SVFMatrix
 from experts.svd import load_factors
 from server.engines.base import Engine, EngineHealth, GenerateRequest, LabelScores, ScoreRequest, TokenChunk
 from server.engines.detok import Detokenizer
 from server.engines.common import check_servable, label_walk, load_experts, resolve_device, resolve_dtype, walk_sync
+from server.engines.hf_factored import install
 from server.engines.sampling import new_generator, prompt_logprobs, sample, token_logprob
-from server.engines.scheduler import GENERATE, SCORE, Batch, Job, Scheduler
+from server.engines.scheduler import Batch, Job, JobKind, Scheduler
+from server.engines.slots import Slots
 from server.engines.structured import Grammars
 from server.errors import Conflict, EngineUnavailable, ModelNotFound
 
@@ -61,11 +78,22 @@ class _Sink:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
+@dataclass
+class _Control:
+    """Work for the worker between steps; it runs once `ready()` is true (or at its deadline)."""
+    run: Callable[[], None]
+    ready: Callable[[], bool] = lambda: True
+    deadline: float = math.inf
+    on_overdue: Callable[[], None] = lambda: None
+
+
 class HFEngine(Engine):
     def __init__(self, model_dir: Path, *, name: str | None = None, experts_dir: Path | None = None,
                  device: str = "auto", dtype: str = "auto", targets: tuple[str, ...] | None = None,
                  cache_dir: Path = Path(".cache/t2"), max_batch: int = 8, max_wait_ms: float = 500,
-                 max_queue: int = 1024, patch_cache_mb: int = 1024, json_any_whitespace: bool = False):
+                 max_queue: int = 1024, patch_cache_mb: int = 1024, max_adaptations: int = 32,
+                 swap_after: int | None = 4, compose_after: int = 128,
+                 unload_timeout_s: float = 60.0, json_any_whitespace: bool = False):
         from experts.svd import MLP_TARGETS
         self.model_dir = Path(model_dir)
         self.model_name = name or self.model_dir.name
@@ -77,15 +105,28 @@ class HFEngine(Engine):
         self.patch_cache_bytes = patch_cache_mb << 20
         self.json_any_whitespace = json_any_whitespace
         self.scheduler = Scheduler(max_batch=max_batch, max_wait_s=max_wait_ms / 1e3, max_queue=max_queue)
+        self.slots = Slots(max_adaptations)
+        self.swap_after = swap_after             # None: never swap (always factored unless already patched)
+        self.compose_after = compose_after       # same, when W' must be composed (not cached): far dearer
+        self.unload_timeout_s = unload_timeout_s
         self.experts: dict[str, Expert] = {}
         self.fingerprint = ""
         self._thread: threading.Thread | None = None
         self._fault: str | None = None
         self._stopping = False
-        self.joined = 0          # sequences that joined a running batch (continuous batching)
-        self._running = 0                                     # sequences in the batch being run
-        self._control: deque[Callable[[], None]] = deque()   # work for the worker between batches
+        self._control: deque[_Control] = deque()     # work for the worker between steps
+        self._unloading: set[str] = set()            # experts being unloaded: new requests get 404
         self.fault_hook: Callable[[Batch], None] | None = None   # tests only: raise to inject a fault
+        # the running generation batch (worker thread only)
+        self._rows: list[_Row] = []
+        self._cache: DynamicCache | None = None
+        self._mask = self._positions = self._logits = None   # [B, T], [B, 1], [B, vocab]
+        self._uniform = ("", 0)                      # (key, steps) the running rows have all been of one key
+        # counters (health, /metrics)
+        self.joined = 0                               # sequences that joined a running batch
+        self.steps = {"dense": 0, "factored": 0}      # forwards by path
+        self.step_adaptations = 0                     # distinct adaptations in the last forward
+        self.step_adaptations_sum = 0                 # summed over all forwards (mean = sum / steps)
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -94,7 +135,7 @@ class HFEngine(Engine):
         self._thread.start()
 
     def load(self) -> None:
-        """1. model + tokenizer; 2. factors (cached); 3. patchable matrices; 4. experts."""
+        """1. model + tokenizer; 2. factors (cached); 3. patchable matrices; 4. factored layers; 5. experts."""
         t0 = time.perf_counter()
         # 1. model
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype).to(self.device).eval()
@@ -116,13 +157,17 @@ class HFEngine(Engine):
         # 3. matrices
         matrices = {n: SVFMatrix(n, self.model.get_parameter(n).data, f) for n, f in factors.items()}
         self.patcher = ModelPatcher(matrices, self.patch_cache_bytes)
-        # 4. experts
+        # 4. factored layers: one gain table row per slot (slot 0 = base), the switch they all read
+        self.gain_table = GainTable(self.patcher.ranks, self.slots.capacity + 1, self.device)
+        self.path = install(self.model, self.patcher, self.gain_table, self.dtype)
+        # 5. experts
         self.spectra = {n: f.s.detach().cpu() for n, f in factors.items()}   # [rank] each: the rescale check
         self.experts = load_experts(self.experts_dir, self.patcher.ranks, self.fingerprint, self.model_name,
                                     self.spectra)
-        log.info("engine ready in %.1f s: %s (%s, %s, %s), %d adaptable matrices, experts: %s",
+        log.info("engine ready in %.1f s: %s (%s, %s, %s), %d adaptable matrices, %d gain slots, experts: %s",
                  time.perf_counter() - t0, self.model_name, mtype, self.device, str(self.dtype).split(".")[-1],
-                 len(matrices), ", ".join(f"{e.name}[{e.label}]" for e in self.experts.values()) or "none")
+                 len(matrices), self.slots.capacity,
+                 ", ".join(f"{e.name}[{e.label}]" for e in self.experts.values()) or "none")
 
     async def stop(self) -> None:
         self._stopping = True
@@ -135,12 +180,17 @@ class HFEngine(Engine):
         alive = self._thread is not None and self._thread.is_alive()
         return EngineHealth(
             ok=alive and not self._fault, engine="hf", device=str(self.device), dtype=str(self.dtype).split(".")[-1],
-            adaptation=self.patcher.current if alive else None, running=self._running,
-            waiting=self.scheduler.waiting(), swaps=self.patcher.swaps if alive else 0, fault=self._fault)
+            adaptation=self.patcher.current if alive else None, running=len(self._rows),
+            waiting=self.scheduler.waiting(), swaps=self.patcher.swaps if alive else 0, fault=self._fault,
+            details={   # mixed batches: gain slots, forwards by path, distinct adaptations per forward
+                "slots": self.slots.capacity, "slots_used": self.slots.used(), "slots_held": self.slots.held(),
+                "slot_fills": self.slots.fills, "steps_dense": self.steps["dense"],
+                "steps_factored": self.steps["factored"], "step_adaptations": self.step_adaptations,
+                "step_adaptations_sum": self.step_adaptations_sum})
 
     # -- the async surface -------------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
-        job = self._submit(GENERATE, request)
+        job = self._submit(JobKind.GENERATE, request)
         try:
             while True:
                 item = await job.sink.queue.get()
@@ -153,7 +203,7 @@ class HFEngine(Engine):
             job.cancelled = True     # a consumer that stops early (disconnect) frees its row
 
     async def score_labels(self, request: ScoreRequest) -> LabelScores:
-        job = self._submit(SCORE, request)
+        job = self._submit(JobKind.SCORE, request)
         try:
             item = await job.sink.queue.get()
         finally:
@@ -163,7 +213,7 @@ class HFEngine(Engine):
         return item
 
     async def apply(self, adaptation: Adaptation) -> float:
-        return (await asyncio.to_thread(self._apply, adaptation)).ms
+        return (await self._in_worker(lambda: self._apply(adaptation))).ms
 
     # -- runtime experts (the admin API) ----------------------------------------------------------------
     async def load_expert(self, path: Path) -> Expert:
@@ -172,7 +222,7 @@ class HFEngine(Engine):
         e.check_against(self.patcher.ranks, self.fingerprint, self.model_name, self.spectra)
 
         def add() -> Expert:
-            if e.name in self.experts:
+            if e.name in self.experts or e.name in self._unloading:
                 raise Conflict(f"expert {e.name!r} is already loaded; unload it first", "name")
             self.experts = {**self.experts, e.name: e}   # copy-on-write: readers on other threads never
             return e                                     # see a dict change size under them
@@ -182,19 +232,42 @@ class HFEngine(Engine):
         return added
 
     async def unload_expert(self, name: str) -> None:
-        def drop() -> None:
-            if name not in self.experts:
-                raise ModelNotFound(f"expert {name!r} is not loaded", "name")
-            self.experts = {k: v for k, v in self.experts.items() if k != name}
-            for key in set(self.patcher.cached_keys) | {self.patcher.current}:
-                if name in experts_of_key(key):
-                    self.patcher.forget(key)    # the live key too: the next apply rewrites the weights
+        """1. refuse new requests for it (now); 2. fail the waiting ones; 3. once no running row uses it
+        (rows still running after `unload_timeout_s` are aborted), drop it, its cached W' and its slots."""
+        if name not in self.experts or name in self._unloading:
+            raise ModelNotFound(f"expert {name!r} is not loaded", "name")
+        self._unloading.add(name)                       # 1. from here on _submit refuses it
 
-        await self._in_worker(drop)
+        def uses(key_or_job: Any) -> bool:
+            key = key_or_job if isinstance(key_or_job, str) else key_or_job.adaptation.key
+            return name in experts_of_key(key)
+
+        try:
+            err = ModelNotFound(f"expert {name!r} was unloaded", "model")
+            for job in self.scheduler.remove(uses):     # 2.
+                job.sink.put(err)
+
+            def drop() -> None:                         # 3.
+                self.experts = {k: v for k, v in self.experts.items() if k != name}
+                for key in set(self.patcher.cached_keys) | {self.patcher.current}:
+                    if uses(key):
+                        self.patcher.forget(key)    # the live key too: the next apply rewrites the weights
+                self.slots.forget(uses)
+
+            def abort() -> None:
+                for row in self._rows:
+                    if uses(row.job):
+                        row.job.cancelled = True
+
+            await self._in_worker(drop, ready=lambda: not any(uses(r.job) for r in self._rows),
+                                  timeout_s=self.unload_timeout_s, on_overdue=abort)
+        finally:
+            self._unloading.discard(name)
         log.info("expert unloaded: %s", name)
 
-    async def _in_worker(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` in the worker thread between two batches; its result or exception comes back here."""
+    async def _in_worker(self, fn: Callable[[], Any], ready: Callable[[], bool] = lambda: True,
+                         timeout_s: float = math.inf, on_overdue: Callable[[], None] = lambda: None) -> Any:
+        """Run `fn` in the worker between two steps, once `ready()`; its result or exception comes back."""
         if self._thread is None or not self._thread.is_alive():
             raise EngineUnavailable("the engine is not running")
         loop = asyncio.get_running_loop()
@@ -211,63 +284,130 @@ class HFEngine(Engine):
                 value, ok = e, False
             loop.call_soon_threadsafe(settle, ok, value)
 
-        self._control.append(run)
+        self._control.append(_Control(run, ready, time.monotonic() + timeout_s, on_overdue))
         self.scheduler.wake()
         return await fut
 
-    def _submit(self, kind: str, request: GenerateRequest | ScoreRequest) -> Job:
+    def _submit(self, kind: JobKind, request: GenerateRequest | ScoreRequest) -> Job:
         if self._thread is None or not self._thread.is_alive():
             raise EngineUnavailable("the engine is not running")
         check_servable(self.experts, request.adaptation)
+        gone = [n for n in request.adaptation.experts if n in self._unloading]
+        if gone:
+            raise ExpertNotFound(f"expert {gone[0]!r} is being unloaded")
         job = Job(kind, request.adaptation, request, _Sink(asyncio.get_running_loop()))
         self.scheduler.submit(job)
         return job
 
     # -- the worker thread ---------------------------------------------------------------------------
     def _worker(self) -> None:
+        """One iteration = one step of the running batch:
+        0. control work; 1. sample a token per running row (finished rows leave); 2. first passes waiting
+        (own prefill, own slots); 3. newcomers with a slot; 4. a decode step; 5. prefill newcomers, merge."""
         torch.set_grad_enabled(False)
+        sched = self.scheduler
         while not self._stopping:
-            while self._control:                     # control work: only here, between batches
-                self._control.popleft()()
-            batch = self.scheduler.next_batch(timeout=0.5)
-            if batch is not None:
-                self._serve(batch)
-                batch = None                         # finished requests must not stay pinned by the worker
+            self._run_control()                                              # 0.
+            if self._logits is not None:
+                self._sample()                                               # 1.
+            scores = sched.take(JobKind.SCORE, sched.max_batch, self._admit)  # 2.
+            if scores:
+                self._run_new(Batch(JobKind.SCORE, scores))
+            joiners: list[Job] = []                                          # 3.
+            if self._cache is None or _can_join(self._cache):
+                joiners = sched.take(JobKind.GENERATE, sched.max_batch - len(self._rows), self._admit)
+            if self._rows:
+                self._decode()                                               # 4.
+            if joiners:
+                self._run_new(Batch(JobKind.GENERATE, joiners))              # 5.
+            if not self._rows and not scores and not joiners and sched.wait(timeout=0.5):
+                time.sleep(0.005)      # work waits but none could be admitted (no slot yet): don't spin
 
-    def _serve(self, batch: Batch) -> None:
-        """Run one batch; its failure fails its requests (and flips /health), never the worker."""
-        missing = [n for n in batch.adaptation.experts if n not in self.experts]
-        if missing:                                  # unloaded while these requests waited: their error
-            err = ModelNotFound(f"expert {missing[0]!r} was unloaded", "model")
-            for job in batch.jobs:
-                job.sink.put(err)
-            return
-        self._running = len(batch.jobs)
+    def _run_control(self) -> None:
+        for _ in range(len(self._control)):
+            c = self._control.popleft()
+            if c.ready():
+                c.run()
+            else:
+                if time.monotonic() >= c.deadline:
+                    c.on_overdue()
+                self._control.append(c)
+
+    def _admit(self, job: Job) -> bool:
+        """Give a waiting job its adaptation's slot (gains computed on first use); False: no slot free now."""
+        a = job.adaptation
+
+        def fill(slot: int) -> None:
+            z = mix_z(self.experts, a)
+            self.gain_table.write(slot, gains_of({n: m.s for n, m in self.patcher.matrices.items()}, z))
+
+        slot = self.slots.acquire(a.key, fill)
+        if slot is None:
+            return False
+        job.slot = slot
+        return True
+
+    def _release(self, job: Job) -> None:
+        if job.slot is not None:
+            self.slots.release(job.adaptation.key)
+            job.slot = None
+
+    def _fail(self, jobs: list[Job], e: Exception, what: str) -> None:
+        log.exception("%s failed (%d jobs)", what, len(jobs))
+        self._fault = f"{type(e).__name__}: {e}"
+        err = EngineUnavailable(f"the engine failed on this request: {type(e).__name__}: {e}")
+        for job in jobs:
+            self._release(job)
+            job.sink.put(err)
+
+    def _run_new(self, batch: Batch) -> None:
+        """Newly admitted jobs: scoring runs to its end; generation is prefilled and joins the batch."""
         try:
             if self.fault_hook is not None:
                 self.fault_hook(batch)
-            self._run_batch(batch)
+            self._start(batch.jobs)
+            if batch.kind is JobKind.SCORE:
+                self._score(batch.jobs)
+            else:
+                self._prefill_joiners(batch.jobs)
             self._fault = None
         except Exception as e:  # one bad batch fails its requests, never the server
-            log.exception("batch failed (%s, %d jobs)", batch.kind, len(batch.jobs))
-            self._fault = f"{type(e).__name__}: {e}"
-            err = EngineUnavailable(f"the engine failed on this request: {type(e).__name__}: {e}")
-            for job in batch.jobs:
-                job.sink.put(err)
-        finally:
-            self._running = 0
+            self._fail(batch.jobs, e, f"{batch.kind.value} batch")
 
     def _apply(self, adaptation: Adaptation):
         return self.patcher.apply(adaptation.key, lambda: mix_z(self.experts, adaptation))
 
-    def _run_batch(self, batch: Batch) -> None:
-        report = self._apply(batch.adaptation)
-        assert self.patcher.current == batch.adaptation.key   # the invariant: weights == batch adaptation
-        self._start(batch.jobs, report.ms)
-        if batch.kind == SCORE:
-            self._score(batch.jobs)
+    # -- the path of a step --------------------------------------------------------------------------
+    def _set_path(self, jobs: list[Job], decode: bool = False) -> str:
+        """Choose dense or factored for a forward over these jobs' rows (in batch order); count it.
+
+        Dense only if every row is of the adaptation the weights hold. A decode step whose rows have all
+        been of one other adaptation for `swap_after` steps (its W' cached or the base: the patch is a copy,
+        worth ~3 factored steps) or `compose_after` steps (W' composed from the factors: ~150 steps' worth)
+        patches the weights to it first (benchmarks/bench_factored.py measures both sides)."""
+        keys = {j.adaptation.key for j in jobs}
+        key = next(iter(keys)) if len(keys) == 1 else ""
+        if decode:
+            n = self._uniform[1] + 1 if key and key == self._uniform[0] else 1
+            self._uniform = (key, n)
+            cheap = key == BASE_NAME or key in self.patcher.cached_keys       # a copy, not a composition
+            if (key and key != self.patcher.current and self.swap_after is not None
+                    and n >= (self.swap_after if cheap else self.compose_after)):
+                self._apply(jobs[0].adaptation)          # weights := that adaptation; factored rows unaffected
+        if key and key == self.patcher.current:
+            self.path.dense()
+            how = "dense"
         else:
-            self._generate(batch.adaptation, batch.jobs)
+            idx = torch.tensor([j.slot for j in jobs], dtype=torch.long, device=self.device)   # [B]
+            self.path.factored(idx)
+            how = "factored"
+        self.steps[how] += 1
+        self.step_adaptations = len(keys)
+        self.step_adaptations_sum += len(keys)
+        for j in jobs:
+            if how == "factored":
+                j.payload.stats.path = "factored"
+        return how
 
     # -- model work ----------------------------------------------------------------------------------
     def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,96 +431,89 @@ class HFEngine(Engine):
         return self._forward(ids, mask, cache, positions), mask
 
     def _score(self, jobs: list[Job]) -> None:
-        """Constrained choice of a label: one prefill, then the candidates' first tokens decide."""
+        """Constrained choice of a label: one prefill (rows of any adaptations), then the first tokens decide."""
         reqs: list[ScoreRequest] = [j.payload for j in jobs]
+        self._set_path(jobs)
         logits, _ = self._prefill([r.prompt_ids for r in reqs], None)
         logp = torch.log_softmax(logits, -1)                    # [B, vocab]
 
-        def next_logprobs(prefix: list[int], allowed: list[int]) -> dict[int, float]:
-            lp = torch.log_softmax(self._prefill([prefix], None)[0][0], -1)
-            return {t: float(lp[t]) for t in allowed}
-
         for row, (job, r) in enumerate(zip(jobs, reqs)):
+            def next_logprobs(prefix: list[int], allowed: list[int], job: Job = job) -> dict[int, float]:
+                self._set_path([job])
+                lp = torch.log_softmax(self._prefill([prefix], None)[0][0], -1)
+                return {t: float(lp[t]) for t in allowed}
+
             first = {t: float(logp[row, t]) for t in {c[0] for c in r.candidates}}
             scores = walk_sync(label_walk(r.prompt_ids, r.candidates), next_logprobs, first=first)
             r.stats.prompt_tokens = scores.forward_tokens
+            self._release(job)
             job.sink.put(scores)
 
-    def _generate(self, adaptation: Adaptation, jobs: list[Job]) -> None:
-        """Batched generation under one adaptation, streaming each new piece of text.
-
-        Continuous batching within the adaptation: between two decode steps, first passes waiting for these
-        same weights run, and waiting requests of this adaptation join the batch (prefilled, then their KV
-        cache is merged, left-padded). Rows leave the batch as soon as they finish or are cancelled.
-        """
-        # 1. prefill the first rows
-        rows = [_Row(j, self.tokenizer, self.device, self.grammars) for j in jobs]
-        cache, logits, mask = self._prefill_rows(rows)
-        positions = mask.sum(-1, keepdim=True) - 1                 # [B, 1] last position of each row
-        while rows:
-            self._running = len(rows)                             # /health, vllm:num_requests_running
-            # 2. one token per row; finished and cancelled rows leave
-            next_ids, keep = [], []
-            for b, row in enumerate(rows):
-                tok = row.step(logits[b], self.eos_ids)
-                if tok is not None:
-                    keep.append(b)
-                    next_ids.append(tok)
-            if len(keep) < len(rows):
-                idx = torch.tensor(keep, dtype=torch.long, device=self.device)
-                cache.batch_select_indices(idx)
-                mask, positions, rows = mask[idx], positions[idx], [rows[b] for b in keep]
-            # 3. between steps, under the same weights: waiting first passes, then newcomers
-            score_jobs = self.scheduler.take_more(adaptation, SCORE, self.scheduler.max_batch)
-            if score_jobs:
-                self._start(score_jobs, 0.0)
-                self._score(score_jobs)
-            joiners = []
-            if self._can_join(cache):
-                joiners = self.scheduler.take_more(adaptation, GENERATE, self.scheduler.max_batch - len(rows))
-            if not rows and not joiners:
-                return
-            # 4. one decode step for the rows still running
-            if rows:
-                ids = torch.tensor(next_ids, device=self.device).unsqueeze(1)         # [B, 1]
-                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)    # [B, T+1]
-                positions = positions + 1
-                logits = self._forward(ids, mask, cache, positions)
-            # 5. newcomers: prefill, then merge into the running batch
-            if joiners:
-                self._start(joiners, 0.0)
-                new = [_Row(j, self.tokenizer, self.device, self.grammars) for j in joiners]
-                self.joined += len(new)
-                c2, l2, m2 = self._prefill_rows(new)
-                p2 = m2.sum(-1, keepdim=True) - 1
-                if rows:
-                    cache, mask = _merge_caches(cache, mask, c2, m2)
-                    logits, positions = torch.cat([logits, l2]), torch.cat([positions, p2])
-                else:
-                    cache, logits, mask, positions = c2, l2, m2, p2
-                rows += new
-
-    def _prefill_rows(self, rows: list["_Row"]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+    def _prefill_joiners(self, jobs: list[Job]) -> None:
+        """Prefill newcomers (any adaptations) and merge them into the running batch (KV left-padded)."""
+        new = [_Row(j, self.tokenizer, self.device, self.grammars) for j in jobs]
+        self._set_path(jobs)
         cache = DynamicCache()
-        logits, mask = self._prefill([r.req.prompt_ids for r in rows], cache)
-        for r in rows:                    # echo: the prompt's log-probabilities (one more prefill, all positions)
+        logits, mask = self._prefill([r.req.prompt_ids for r in new], cache)
+        for job, r in zip(jobs, new):     # echo: the prompt's log-probabilities (one more prefill, all positions)
             if r.req.params.prompt_logprobs is not None:
+                self._set_path([job])
                 ids = torch.tensor([r.req.prompt_ids], device=self.device)
                 full = self.model(input_ids=ids, logits_to_keep=0).logits[0]          # [T, vocab]
                 r.prompt_lps = prompt_logprobs(full, r.req.prompt_ids, r.req.params.prompt_logprobs)
-        return cache, logits, mask
+        positions = mask.sum(-1, keepdim=True) - 1                 # [B, 1] last position of each row
+        if self._rows:
+            self.joined += len(new)
+            self._cache, self._mask = _merge_caches(self._cache, self._mask, cache, mask)
+            self._logits = torch.cat([self._logits, logits])
+            self._positions = torch.cat([self._positions, positions])
+        else:
+            self._cache, self._logits, self._mask, self._positions = cache, logits, mask, positions
+        self._rows += new
 
-    @staticmethod
-    def _can_join(cache: DynamicCache) -> bool:
-        """Merging needs plain per-layer key/value tensors (not sliding-window or quantized layers)."""
-        return all(type(layer).__name__ == "DynamicLayer" and isinstance(getattr(layer, "keys", None), torch.Tensor)
-                   for layer in getattr(cache, "layers", [None]))
+    def _sample(self) -> None:
+        """One token per running row from the last logits; finished and cancelled rows leave (slot released)."""
+        rows, logits = self._rows, self._logits
+        next_ids, keep = [], []
+        for b, row in enumerate(rows):
+            tok = row.step(logits[b], self.eos_ids)
+            if tok is not None:
+                keep.append(b)
+                next_ids.append(tok)
+            else:
+                self._release(row.job)
+        self._logits = None
+        if not keep:
+            self._reset()
+            return
+        if len(keep) < len(rows):
+            idx = torch.tensor(keep, dtype=torch.long, device=self.device)
+            self._cache.batch_select_indices(idx)
+            self._mask, self._positions = self._mask[idx], self._positions[idx]
+            self._rows = [rows[b] for b in keep]
+        self._next_ids = next_ids
 
-    def _start(self, jobs: list[Job], patch_ms: float) -> None:
+    def _decode(self) -> None:
+        """One decode step for the running rows (their tokens from `_sample`)."""
+        try:
+            self._set_path([r.job for r in self._rows], decode=True)
+            ids = torch.tensor(self._next_ids, device=self.device).unsqueeze(1)             # [B, 1]
+            self._mask = torch.cat([self._mask, self._mask.new_ones((self._mask.shape[0], 1))], dim=1)  # [B, T+1]
+            self._positions = self._positions + 1
+            self._logits = self._forward(ids, self._mask, self._cache, self._positions)
+            self._fault = None
+        except Exception as e:  # the running rows fail, the worker goes on
+            self._fail([r.job for r in self._rows], e, "decode step")
+            self._reset()
+
+    def _reset(self) -> None:
+        self._rows, self._cache, self._mask, self._positions, self._logits = [], None, None, None, None
+        self._uniform = ("", 0)
+
+    def _start(self, jobs: list[Job]) -> None:
         now = time.perf_counter()
         for job in jobs:
-            job.payload.stats.started, job.payload.stats.patch_ms = now, patch_ms
-
+            job.payload.stats.started = now
 
 class _Row:
     """One sequence of a generation batch: its job, detokenizer, sampler, grammar matcher and token count."""
@@ -423,6 +556,12 @@ class _Row:
         plps, self.prompt_lps = self.prompt_lps, None          # on the first chunk only
         self.job.sink.put(TokenChunk(text, ids, finish, lps, plps))
         return tok if finish is None else None
+
+
+def _can_join(cache: DynamicCache) -> bool:
+    """Merging needs plain per-layer key/value tensors (not sliding-window or quantized layers)."""
+    return all(type(layer).__name__ == "DynamicLayer" and isinstance(getattr(layer, "keys", None), torch.Tensor)
+               for layer in getattr(cache, "layers", [None]))
 
 
 def _merge_caches(a: DynamicCache, mask_a: torch.Tensor, b: DynamicCache,

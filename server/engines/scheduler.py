@@ -1,18 +1,20 @@
-"""The scheduler: groups waiting model work by adaptation and decides when the weights swap.
+"""The embedded engine's queue: waiting model work, oldest first, admitted row by row between steps.
 
-Contract (the invariant of the whole server): a batch holds jobs of ONE adaptation and ONE kind (first-pass
-scoring or generation); an engine patches the weights to the batch's adaptation before it runs the batch and
-never changes them while it runs, so no token of any request is computed under another request's weights.
-
-Policy, per `next_batch` call:
-1. the oldest waiting job overall names the *due* adaptation;
-2. the current adaptation keeps the weights while it has work and the oldest job overall has waited less
-   than `max_wait_s` (no swap, better batching); otherwise the due adaptation goes next (a swap);
-3. within the chosen adaptation, scoring jobs go first (they are short and unblock second passes), then
-   generation jobs, oldest first, at most `max_batch` of them.
-So a job waits at most about (number of adaptations waiting) × (`max_wait_s` + one batch): no starvation.
-The queue is bounded (`max_queue`): `submit` raises Overloaded when full. `wake` makes a blocked
-`next_batch` return None at once (the engine's worker then runs its control work between batches). Thread-safe.
+Contract:
+- The invariant of the whole server: no row is ever computed with another request's gains. Batches may
+  mix adaptations freely (each row carries its own gain slot, see server/engines/slots.py); the engine
+  decides per step whether the step runs dense (every row of the one adaptation the weights hold) or
+  factored. So the scheduler no longer groups by adaptation and never swaps weights.
+- Two FIFO queues, one per `JobKind`: first-pass scoring (short, unblocks second passes) and generation.
+- `take(kind, limit, admit)` hands out, oldest first, up to `limit` jobs that `admit(job)` accepts (it
+  acquires the job's slot; False = no slot for it now). A refused job keeps its place and does not block
+  the jobs behind it — until it has waited `max_wait_s`: then it is *overdue* and nothing younger is
+  admitted (of either kind) until it is, so the slots held by running rows drain and it gets one (the
+  starvation guard: without it, traffic for live adaptations could keep every slot busy forever).
+- `remove(pred)` takes out waiting jobs (an expert was unloaded: the engine fails them with a 404).
+- Bounded (`max_queue`): `submit` raises Overloaded when full. `wait` blocks until work is waiting;
+  `wake` makes it return at once (control work), `close` stops intake and returns what still waited.
+Thread-safe: submit/remove/close on the event loop, take/wait on the engine's worker.
 """
 
 from __future__ import annotations
@@ -22,20 +24,18 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
-from experts.mix import BASE, Adaptation
+from experts.mix import Adaptation
 from server.errors import Overloaded
 
+
 class JobKind(str, enum.Enum):
-    SCORE = "score"          # the first pass (label scoring)
-    GENERATE = "generate"    # the answer
+    SCORE = "score"          # the dispatch pass: one prefill, a constrained choice
+    GENERATE = "generate"    # an answer: prefill, then decode steps
 
     def __str__(self) -> str:
         return self.value
-
-
-SCORE, GENERATE = JobKind.SCORE, JobKind.GENERATE
 
 
 @dataclass(eq=False)
@@ -46,11 +46,12 @@ class Job:
     sink: Any = None              # how the engine delivers results
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    slot: int | None = None       # its adaptation's gain slot while admitted (the engine's)
 
 
 @dataclass
 class Batch:
-    adaptation: Adaptation
+    """Jobs admitted together (what the engine's `fault_hook` sees before it runs them)."""
     kind: JobKind
     jobs: list[Job]
 
@@ -59,11 +60,10 @@ class Scheduler:
     def __init__(self, max_batch: int = 8, max_wait_s: float = 0.5, max_queue: int = 1024):
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
         self._cv = threading.Condition()
-        self._queues: dict[Adaptation, dict[JobKind, deque[Job]]] = {}
+        self._queues: dict[JobKind, deque[Job]] = {k: deque() for k in JobKind}
+        self._overdue: Job | None = None      # the oldest refused job past max_wait_s, while it waits
         self._closed = False
         self._woken = False
-        self.current: Adaptation = BASE
-        self.swaps = 0
 
     # -- producers (event loop) -------------------------------------------------------------------
     def submit(self, job: Job) -> None:
@@ -72,14 +72,24 @@ class Scheduler:
                 raise Overloaded("the server is shutting down")
             if self.waiting() >= self.max_queue:
                 raise Overloaded(f"the queue is full ({self.max_queue} waiting requests); retry later")
-            self._queues.setdefault(job.adaptation, {SCORE: deque(), GENERATE: deque()})[job.kind].append(job)
+            self._queues[job.kind].append(job)
             self._cv.notify()
 
     def waiting(self) -> int:
-        return sum(len(q) for kinds in self._queues.values() for q in kinds.values())
+        return sum(len(q) for q in self._queues.values())
+
+    def remove(self, pred: Callable[[Job], bool]) -> list[Job]:
+        """Take out every waiting job `pred` selects; returns them."""
+        with self._cv:
+            out = [j for q in self._queues.values() for j in q if pred(j)]
+            for k, q in self._queues.items():
+                self._queues[k] = deque(j for j in q if not pred(j))
+            if self._overdue in out:
+                self._overdue = None
+            return out
 
     def wake(self) -> None:
-        """Make a blocked `next_batch` return None now (the worker has control work to do)."""
+        """Make a blocked `wait` return now (the worker has control work to do)."""
         with self._cv:
             self._woken = True
             self._cv.notify_all()
@@ -88,72 +98,56 @@ class Scheduler:
         """Stop accepting work; return the jobs that were still waiting (the engine fails them)."""
         with self._cv:
             self._closed = True
-            left = [j for kinds in self._queues.values() for q in kinds.values() for j in q]
-            self._queues.clear()
+            left = [j for q in self._queues.values() for j in q]
+            for q in self._queues.values():
+                q.clear()
             self._cv.notify_all()
             return left
 
     # -- the consumer (the engine's worker) ------------------------------------------------------
-    def next_batch(self, timeout: float | None = None) -> Batch | None:
-        """Block until work is there (or `timeout`/close) and return the next batch per the policy."""
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until a job waits (True), or `timeout`, `wake` or `close` (False)."""
         with self._cv:
             deadline = None if timeout is None else time.monotonic() + timeout
             while True:
                 self._drop_cancelled()
                 if self._woken:
                     self._woken = False
-                    return None
-                if self._queues:
-                    break
+                    return False
+                if self.waiting():
+                    return True
                 if self._closed:
-                    return None
+                    return False
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    return None
+                    return False
                 self._cv.wait(left)
-            # 1. the due adaptation: the one with the oldest waiting job
-            heads = {a: min(q[0].enqueued for q in kinds.values() if q) for a, kinds in self._queues.items()}
-            due = min(heads, key=heads.__getitem__)
-            # 2. keep the current weights while nobody has waited too long
-            now = time.monotonic()
-            chosen = self.current if (self.current in heads and now - heads[due] < self.max_wait_s) else due
-            if chosen != self.current:
-                self.swaps += 1
-                self.current = chosen
-            # 3. scoring first, then generation, oldest first
-            kinds = self._queues[chosen]
-            kind = SCORE if kinds[SCORE] else GENERATE
-            q = kinds[kind]
-            jobs = [q.popleft() for _ in range(min(self.max_batch, len(q)))]
-            if not kinds[SCORE] and not kinds[GENERATE]:
-                del self._queues[chosen]
-            return Batch(chosen, kind, jobs)
 
-    def take_more(self, adaptation: Adaptation, kind: JobKind, limit: int) -> list[Job]:
-        """Jobs of the running batch's adaptation that may join it between two steps (continuous batching).
-
-        Same weights, so the invariant holds; none while another adaptation has waited `max_wait_s` or more,
-        so a running batch cannot keep the weights forever (it drains, then the overdue group swaps in).
-        """
+    def take(self, kind: JobKind, limit: int, admit: Callable[[Job], bool]) -> list[Job]:
+        """Up to `limit` waiting jobs of `kind`, oldest first, that `admit` accepts (see the contract)."""
         with self._cv:
             self._drop_cancelled()
-            kinds = self._queues.get(adaptation)
-            if limit <= 0 or not kinds or not kinds[kind]:
-                return []
-            others = [q[0].enqueued for a, ks in self._queues.items() if a != adaptation for q in ks.values() if q]
-            if others and time.monotonic() - min(others) >= self.max_wait_s:
-                return []
-            q = kinds[kind]
-            jobs = [q.popleft() for _ in range(min(limit, len(q)))]
-            if not kinds[SCORE] and not kinds[GENERATE]:
-                del self._queues[adaptation]
-            return jobs
+            q, now = self._queues[kind], time.monotonic()
+            out: list[Job] = []
+            keep: deque[Job] = deque()
+            for j in q:
+                od = self._overdue
+                if len(out) >= limit or (od is not None and j is not od and j.enqueued > od.enqueued):
+                    keep.append(j)                 # full, or younger than an overdue job: wait
+                elif admit(j):
+                    out.append(j)
+                    if j is od:
+                        self._overdue = None
+                else:
+                    keep.append(j)
+                    if od is None and now - j.enqueued >= self.max_wait_s:
+                        self._overdue = j          # the guard: nothing younger until it has a slot
+            self._queues[kind] = keep
+            return out
 
     def _drop_cancelled(self) -> None:
-        for a in list(self._queues):
-            kinds = self._queues[a]
-            for k in kinds:
-                if any(j.cancelled for j in kinds[k]):
-                    kinds[k] = deque(j for j in kinds[k] if not j.cancelled)
-            if not kinds[SCORE] and not kinds[GENERATE]:
-                del self._queues[a]
+        for k, q in self._queues.items():
+            if any(j.cancelled for j in q):
+                self._queues[k] = deque(j for j in q if not j.cancelled)
+        if self._overdue is not None and self._overdue.cancelled:
+            self._overdue = None

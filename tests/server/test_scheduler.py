@@ -1,4 +1,5 @@
-"""The scheduler's policy: one adaptation per batch, grouping, scoring first, bounded waits, bounded queue."""
+"""The scheduler's policy: FIFO per kind, admission by slot, refused jobs don't block, the starvation guard,
+bounded queue, removal (unload), wait/wake/close."""
 
 import threading
 import time
@@ -7,9 +8,10 @@ import pytest
 
 from experts.mix import BASE, Adaptation
 from server.errors import Overloaded
-from server.engines.scheduler import GENERATE, SCORE, Job, Scheduler
+from server.engines.scheduler import Job, JobKind, Scheduler
 
-A, B = Adaptation.of({"a": 1}), Adaptation.of({"b": 1})
+A, B, C = Adaptation.of({"a": 1}), Adaptation.of({"b": 1}), Adaptation.of({"c": 1})
+GENERATE, SCORE = JobKind.GENERATE, JobKind.SCORE
 
 
 def job(adaptation, kind=GENERATE, t=None):
@@ -19,80 +21,102 @@ def job(adaptation, kind=GENERATE, t=None):
     return j
 
 
-def test_batches_hold_one_adaptation_and_group_requests():
+def yes(_job):
+    return True
+
+
+def test_a_batch_takes_any_adaptations_oldest_first():
     s = Scheduler(max_batch=8, max_wait_s=10)
-    for a in (A, B, A, B, A):
-        s.submit(job(a))
-    first = s.next_batch(0)
-    assert first.adaptation == A and len(first.jobs) == 3          # the oldest group, all of it
-    second = s.next_batch(0)
-    assert second.adaptation == B and len(second.jobs) == 2
-    assert s.next_batch(0) is None
-    assert s.swaps == 2                                            # base → A → B
+    jobs = [job(a) for a in (A, B, A, BASE, C)]
+    for j in jobs:
+        s.submit(j)
+    assert s.take(GENERATE, 3, yes) == jobs[:3]          # mixed, in arrival order, at most `limit`
+    assert s.take(GENERATE, 8, yes) == jobs[3:]
+    assert s.take(GENERATE, 8, yes) == [] and s.waiting() == 0
 
 
-def test_current_adaptation_keeps_the_weights_until_someone_waits_too_long():
-    s = Scheduler(max_batch=1, max_wait_s=0.2)
-    now = time.monotonic()
-    s.submit(job(A, t=now - 0.05))
-    s.submit(job(B, t=now - 0.04))
-    s.submit(job(A, t=now))
-    assert s.next_batch(0).adaptation == A
-    assert s.next_batch(0).adaptation == A      # B waited < max_wait: no swap, A goes on
-    assert s.next_batch(0).adaptation == B
+def test_a_job_without_a_slot_waits_and_does_not_block_the_others():
+    s = Scheduler(max_batch=8, max_wait_s=10)
+    a1, b1, a2 = job(A), job(B), job(A)
+    for j in (a1, b1, a2):
+        s.submit(j)
+    got = s.take(GENERATE, 8, lambda j: j.adaptation != B)   # B has no slot now
+    assert got == [a1, a2] and s.waiting() == 1
+    assert s.take(GENERATE, 8, yes) == [b1]                  # its slot came free: it goes
 
 
-def test_a_waiting_group_is_served_after_max_wait_even_under_constant_traffic():
-    s = Scheduler(max_batch=1, max_wait_s=0.05)
-    s.submit(job(A))
-    assert s.next_batch(0).adaptation == A
-    s.submit(job(B))
-    served = []
-    deadline = time.monotonic() + 2
-    while time.monotonic() < deadline:
-        s.submit(job(A))                          # A never runs dry
-        b = s.next_batch(0)
-        served.append(b.adaptation)
-        if b.adaptation == B:
+def test_starvation_guard_an_overdue_job_stops_younger_ones_until_it_gets_a_slot():
+    """One slot, held by running A rows; A requests keep coming, each runs two steps. The B request has no
+    slot. Once it has waited max_wait_s, nothing younger is admitted, so the A rows drain and B gets the
+    slot. (Delete the guard in Scheduler.take and this fails: a new A row always holds the slot.)"""
+    s = Scheduler(max_batch=8, max_wait_s=0.05)
+    running = [(A.key, 2)]                               # (adaptation key, steps left) of the running rows
+    b = job(B, t=time.monotonic() - 1)                   # it has waited longer than max_wait_s
+    s.submit(b)
+    admitted: set[str] = set()
+
+    def admit(j):                                        # the engine's rule: a slot per live adaptation
+        live = {k for k, _ in running} | admitted
+        if j.adaptation.key in live or not live:
+            admitted.add(j.adaptation.key)
+            return True
+        return False
+
+    for _ in range(20):
+        s.submit(job(A))                                 # A never runs dry
+        admitted.clear()
+        new = s.take(GENERATE, 8, admit)
+        if b in new:
             break
-        time.sleep(0.01)
-    assert served[-1] == B and len(served) < 20
+        running = [(k, n - 1) for k, n in running if n > 1] + [(j.adaptation.key, 2) for j in new]
+    else:
+        pytest.fail("the request of the slotless adaptation starved")
+    assert all(k == A.key for k, _ in running) and s.waiting() >= 1   # the A requests wait behind it
 
 
-def test_scoring_jobs_go_before_generation_under_the_same_weights():
+def test_a_refused_job_that_is_not_overdue_lets_younger_jobs_pass():
     s = Scheduler(max_batch=8, max_wait_s=10)
-    s.submit(job(BASE, GENERATE))
-    s.submit(job(BASE, SCORE))
-    b = s.next_batch(0)
-    assert (b.adaptation, b.kind, len(b.jobs)) == (BASE, SCORE, 1)
-    assert s.next_batch(0).kind == GENERATE
+    b, a = job(B), job(A)
+    s.submit(b)
+    s.submit(a)
+    assert s.take(GENERATE, 8, lambda j: j.adaptation == A) == [a]
 
 
-def test_queue_is_bounded_and_cancelled_jobs_are_dropped():
-    s = Scheduler(max_batch=8, max_wait_s=10, max_queue=2)
-    j1, j2 = job(A), job(B)
-    s.submit(j1)
-    s.submit(j2)
+def test_scoring_and_generation_are_separate_queues():
+    s = Scheduler(max_batch=8, max_wait_s=10)
+    g, sc = job(BASE, GENERATE), job(BASE, SCORE)
+    s.submit(g)
+    s.submit(sc)
+    assert s.take(SCORE, 8, yes) == [sc]
+    assert s.take(GENERATE, 8, yes) == [g]
+
+
+def test_queue_is_bounded_cancelled_jobs_are_dropped_and_remove_takes_out():
+    s = Scheduler(max_batch=8, max_wait_s=10, max_queue=3)
+    j1, j2, j3 = job(A), job(B), job(C)
+    for j in (j1, j2, j3):
+        s.submit(j)
     with pytest.raises(Overloaded):
         s.submit(job(A))
     j1.cancelled = True
-    b = s.next_batch(0)
-    assert b.jobs == [j2]
+    assert s.remove(lambda j: j.adaptation == C) == [j3]
+    assert s.take(GENERATE, 8, yes) == [j2]
 
 
-def test_next_batch_blocks_until_work_arrives_and_close_wakes_it():
+def test_wait_blocks_until_work_arrives_and_close_wakes_it():
     s = Scheduler()
     got = []
-    t = threading.Thread(target=lambda: got.append(s.next_batch(5)))
+    t = threading.Thread(target=lambda: got.append(s.wait(5)))
     t.start()
     time.sleep(0.05)
     s.submit(job(A))
     t.join(2)
-    assert got and got[0].adaptation == A
-    t = threading.Thread(target=lambda: got.append(s.next_batch(None)))
+    assert got == [True]
+    s.take(GENERATE, 8, yes)
+    t = threading.Thread(target=lambda: got.append(s.wait(None)))
     t.start()
     left = s.close()
     t.join(2)
-    assert not t.is_alive() and got[-1] is None and left == []
+    assert not t.is_alive() and got[-1] is False and left == []
     with pytest.raises(Overloaded):
         s.submit(job(A))
