@@ -29,7 +29,7 @@ from experts.svd import MLP_TARGETS, target_names
 FORMAT = "t2-expert"
 FORMAT_VERSION = "1"
 RESERVED_NAME = "base"  # = experts.mix.BASE_NAME / experts.patch.BASE_KEY
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z")   # \Z: "$" would let a trailing newline in
 
 
 @dataclass

@@ -74,18 +74,26 @@ def serve(**fields) -> None:
         config = ServerConfig(**{k: v for k, v in fields.items()})
     except ValidationError as e:
         _fail(e)
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server import logs
+    logs.configure(config.log_level, config.log_format)
     from server.api.app import create_app
     try:
         application = create_app(config)
     except (ExpertError, OSError, RuntimeError) as e:
         _fail(e)
-    # SIGTERM / Ctrl-C: stop accepting, let in-flight requests finish (up to graceful_timeout_s), then exit
-    # (SIGTERM: exit 0 after the drain, as orchestrators expect; uvicorn alone re-raises the signal)
+    # SIGTERM / Ctrl-C: stop accepting, let in-flight requests finish (up to graceful_timeout_s), then end
+    # the rest in the OpenAI shape (streams: an error event and [DONE]) and exit (SIGTERM: exit 0, as
+    # orchestrators expect; uvicorn alone re-raises the signal). uvicorn's own deadline, which cancels
+    # tasks mid-response, is a margin later and only a backstop.
     server = _DrainingServer(uvicorn.Config(application, host=config.host, port=config.port,
-                                            log_level=config.log_level,
-                                            timeout_graceful_shutdown=config.graceful_timeout_s))
+                                            log_level=config.log_level, access_log=False,
+                                            log_config=logs.uvicorn_log_config(config.log_level, config.log_format),
+                                            timeout_graceful_shutdown=config.graceful_timeout_s + _CUT_MARGIN_S))
+    server.grace_s, server.stop_requests = config.graceful_timeout_s, application.state.shutdown.stop
     server.run()
+
+
+_CUT_MARGIN_S = 10.0     # between ending the open requests and uvicorn cancelling what is left
 
 
 def _draining_server_class():
@@ -94,6 +102,17 @@ def _draining_server_class():
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
+        grace_s: float = 0.0
+        stop_requests = staticmethod(lambda: None)
+
+        async def shutdown(self, sockets=None) -> None:
+            import asyncio
+            timer = asyncio.get_running_loop().call_later(self.grace_s, self.stop_requests)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
+
         def handle_exit(self, sig, frame) -> None:
             super().handle_exit(sig, frame)
             if sig == _signal.SIGTERM:

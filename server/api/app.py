@@ -39,7 +39,10 @@ from experts.expert import NAME_RE, RESERVED_NAME
 from server.api import protocol as P
 from server.config import ServerConfig
 from server.engines.base import Engine
-from server.errors import InvalidRequest, ModelNotFound, Overloaded, RequestTimeout, ServerError, Unauthorized
+from server.api.observe import RequestLog
+from server.api.shutdown import Shutdown, shutting_down
+from server.errors import (InvalidRequest, ModelNotFound, Overloaded, RequestTimeout, ServerError, Unauthorized,
+                           error_body, sse_error)
 from server.metrics import CONTENT_TYPE, Metrics
 from server.serving import Serving
 
@@ -72,8 +75,7 @@ def make_engine(config: ServerConfig) -> Engine:
 
 def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
            headers: dict[str, str] | None = None) -> JSONResponse:
-    body = P.ErrorResponse(error=P.ErrorInfo(message=message, type=type_, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -85,6 +87,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if e.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
     param = ".".join(loc) or None
+    bad = (e.get("ctx") or {}).get("error")
+    if isinstance(bad, P.NotUnicode):               # a lone surrogate: name the string, not its model
+        return str(bad), bad.param
     more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
     return f"{param or 'body'}: {e.get('msg', 'invalid value')}{more}", param
 
@@ -102,11 +107,28 @@ def _bearer_ok(scope: dict, key: str) -> bool:
     return False
 
 
+def _is_docs(path: str) -> bool:
+    """The interactive docs and the schema they read (they list every route, admin included)."""
+    return path in ("/openapi.json", "/docs", "/redoc") or path.startswith("/docs/")
+
+
+def _host_of(scope: dict) -> str:
+    host = dict(scope.get("headers", ())).get(b"host", b"").decode("latin-1").lower()
+    return host[1:host.index("]")] if host.startswith("[") and "]" in host else host.split(":")[0]
+
+
+def host_allowed(host: str, allowed: list[str]) -> bool:
+    """`allowed` entries: a host name, `*.domain` (any subdomain of it) or `*` (any)."""
+    return any(a == "*" or a == host or (a.startswith("*.") and host.endswith(a[1:])) for a in allowed)
+
+
 class Guard:
-    """ASGI middleware: API key on /v1, admin key on /admin, body size limit, error counts for /metrics."""
+    """ASGI middleware: Host check, API key on /v1 and the docs, admin key on /admin, body size limit,
+    error counts for /metrics."""
 
     def __init__(self, app, config: ServerConfig, metrics: Metrics):
         self.app, self.config, self.metrics = app, config, metrics
+        self.hosts = [h.strip().lower() for h in config.allowed_hosts.split(",") if h.strip()]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -114,14 +136,18 @@ class Guard:
         path, cfg = scope["path"], self.config
         v1 = path == "/v1" or path.startswith("/v1/")
         denied: JSONResponse | None = None
-        # 1. who may call: /admin only with the admin key (absent without one), /v1 with the API key
-        if path == "/admin" or path.startswith("/admin/"):
+        # 1. who may call: only through an allowed Host name (when a list is set: DNS rebinding);
+        #    /admin only with the admin key (absent without one), /v1 and the docs with the API key
+        if self.hosts and not host_allowed(_host_of(scope), self.hosts):
+            denied = _error(400, "this Host header is not allowed on this server (--allowed-hosts)",
+                            "invalid_request_error", None, "invalid_host")
+        elif path == "/admin" or path.startswith("/admin/"):
             if not cfg.admin_key:
                 denied = _error(404, "the admin API is off (no admin key is set)", "invalid_request_error",
                                 None, "not_found")
             elif not _bearer_ok(scope, cfg.admin_key):
                 denied = _unauthorized("admin")
-        elif v1 and cfg.api_key and not _bearer_ok(scope, cfg.api_key):
+        elif (v1 or _is_docs(path)) and cfg.api_key and not _bearer_ok(scope, cfg.api_key):
             denied = _unauthorized("API")
         # 2. how much it may send: a declared length at once, a chunked body while it is read
         if denied is None:
@@ -204,20 +230,22 @@ class Admission:
         return leave
 
 
-async def _bounded(body: AsyncIterator[str], deadline: float, leave: Callable[[], None]) -> AsyncIterator[str]:
-    """A stream that ends with an error event at the deadline, and gives its admission slot back at its end."""
+async def _bounded(body: AsyncIterator[str], deadline: float, leave: Callable[[], None],
+                   shutdown: Shutdown) -> AsyncIterator[str]:
+    """A stream that ends with an error event at the deadline or at the end of a shutdown's graceful period,
+    and gives its admission slot back at its end."""
     try:
         async with aclosing(body):
             while True:
                 try:
-                    async with asyncio.timeout_at(deadline):
-                        piece = await body.__anext__()
+                    async with asyncio.timeout_at(deadline) as timeout:
+                        with shutdown.cut(timeout):
+                            piece = await body.__anext__()
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
-                    err = RequestTimeout("the request ran past the server's request timeout")
-                    yield ('data: {"error": {"message": "%s", "type": "%s", "param": null, "code": "%s"}}\n\n'
-                           % (err.message, err.type, err.code))
+                    yield sse_error(shutting_down() if shutdown.stopping else
+                                    RequestTimeout("the request ran past the server's request timeout"))
                     yield "data: [DONE]\n\n"
                     return
                 yield piece
@@ -251,15 +279,17 @@ def _expert_file(root: Path | None, name: str) -> Path:
         raise InvalidRequest("name must be an expert name (1-64 letters, digits, '_', '-', '.'), not a path",
                              "name")
     base = Path(root).resolve()
-    path = (base / f"{name}.safetensors").resolve()      # follows symlinks: one pointing out is refused
-    if path.parent != base:
+    link = base / f"{name}.safetensors"
+    target = link.resolve()                              # follows symlinks: one pointing out is refused
+    if target.parent != base:
         raise InvalidRequest("the expert file must be inside the admin experts folder", "name")
-    if not path.is_file():
+    if not target.is_file():
         raise ModelNotFound(f"no file {name}.safetensors in the admin experts folder", "name")
-    return path
+    return link      # a symlink inside the folder loads under its own name (the name asked for), as at start
 
 
 _ERRORS = {s: {"model": P.ErrorResponse} for s in (400, 401, 404, 413, 429, 503, 504)}
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
 def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
@@ -279,11 +309,14 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     app = FastAPI(title="Transformer² server", version="0.1.0", lifespan=lifespan)
     app.state.engine, app.state.serving, app.state.metrics = engine, serving, metrics
     app.state.admission = admission
+    shutdown = app.state.shutdown = Shutdown()      # stopped by `t2 serve` when the graceful period ends
     app.add_middleware(Guard, config=config, metrics=metrics)
     if config.cors_origins.strip():         # added last = outermost: preflights never meet the guard
         origins = [o.strip() for o in config.cors_origins.split(",") if o.strip()]
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"],
-                           expose_headers=["Retry-After"])
+                           expose_headers=["Retry-After", "X-Request-Id"])
+    # outermost: every response (CORS preflights and the Guard's refusals too) has the request id
+    app.add_middleware(RequestLog, on_error=lambda path, status: path.startswith("/v1") and metrics.error(status))
 
     # ---- errors: one place ----
     @app.exception_handler(RequestValidationError)
@@ -303,12 +336,9 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(_: Request, exc: StarletteHTTPException):
-        return _error(exc.status_code, str(exc.detail), "invalid_request_error", None, None)
-
-    @app.exception_handler(Exception)
-    async def on_unexpected(_: Request, exc: Exception):
-        log.exception("unhandled error")
-        return _error(500, f"internal server error ({type(exc).__name__})", "server_error")
+        return _error(exc.status_code, str(exc.detail), "invalid_request_error", None,
+                      _HTTP_CODES.get(exc.status_code, "http_error"))
+    # anything unexpected: the 500 backstop of RequestLog (server/api/observe.py)
 
     # ---- routes ----
     async def generate(request: Request, work: Callable[[], Awaitable[Any]]):
@@ -316,10 +346,13 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
         leave = admission.enter()
         deadline = asyncio.get_running_loop().time() + config.request_timeout_s
         try:
-            async with asyncio.timeout_at(deadline):
-                result = await _unless_disconnected(request.receive, work())
+            async with asyncio.timeout_at(deadline) as timeout:
+                with shutdown.cut(timeout):
+                    result = await _unless_disconnected(request.receive, work())
         except TimeoutError:
             leave()
+            if shutdown.stopping:
+                raise shutting_down() from None
             raise RequestTimeout("the request ran past the server's request timeout "
                                  f"({config.request_timeout_s:g} s)") from None
         except BaseException:
@@ -328,7 +361,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
         if isinstance(result, P.BaseModel):
             leave()
             return JSONResponse(result.model_dump(mode="json"))
-        return StreamingResponse(_bounded(result, deadline, leave), media_type="text/event-stream",
+        return StreamingResponse(_bounded(result, deadline, leave, shutdown), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     stream_doc = {"description": "JSON, or with stream=true a text/event-stream of chunks ending in [DONE]",

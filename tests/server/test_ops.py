@@ -32,7 +32,7 @@ AUTH, ADMIN_AUTH = {"Authorization": f"Bearer {KEY}"}, {"Authorization": f"Beare
 def error_of(resp, status):
     assert resp.status_code == status, resp.text
     err = resp.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert set(err) == {"message", "type", "param", "code", "request_id"} and err["message"]
     return err
 
 
