@@ -38,7 +38,7 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 from openai import AsyncOpenAI  # noqa: E402
 
-from server.api.live import LiveServer  # noqa: E402
+from tests.live import LiveServer  # noqa: E402
 
 PROMPTS = ["What is 12 * 7?", "Write a haiku about the sea.", "Name three prime numbers.",
            "Explain photosynthesis in one sentence.", "Write a Python function that reverses a string.",

@@ -27,10 +27,10 @@ from experts.mix import BASE, Adaptation
 from server.errors import Overloaded
 
 
-
 @dataclass(eq=False)
-class Admission:
-    """One admitted request: when it came and got in, and the swap that let it in (None: no swap)."""
+class GatePass:
+    """The gate's record of one request it let in: when it came and got in, and the swap that let it in
+    (None: no swap). (Not the API's in-flight limit, server/api/app.py InFlightLimit.)"""
 
     adaptation: Adaptation
     enqueued: float = field(default_factory=time.perf_counter)
@@ -48,29 +48,26 @@ class AdmissionGate:
         self.current: Adaptation | None = BASE  # None: unknown (a swap failed); the next swap rewrites
         self.running = 0                        # admitted and not yet released
         self.swaps = 0
-        self._waiting: dict[Adaptation, deque[tuple[Admission, asyncio.Future]]] = {}
+        self._waiting: dict[Adaptation, deque[tuple[GatePass, asyncio.Future]]] = {}
         self._swapping = False
         self._closed: BaseException | None = None
 
     def waiting(self) -> int:
         return sum(len(q) for q in self._waiting.values())
 
-    def waiting_by_adaptation(self) -> dict[str, int]:
-        return {a.key: len(q) for a, q in self._waiting.items() if q}
-
     @asynccontextmanager
-    async def admitted(self, adaptation: Adaptation) -> AsyncIterator[Admission]:
+    async def admitted(self, adaptation: Adaptation) -> AsyncIterator[GatePass]:
         adm = await self.acquire(adaptation)
         try:
             yield adm
         finally:
             self.release(adm)
 
-    async def acquire(self, adaptation: Adaptation) -> Admission:
+    async def acquire(self, adaptation: Adaptation) -> GatePass:
         """Wait until `adaptation` holds the weights and this request may run; count it as running."""
         if self._closed is not None:
             raise self._closed
-        adm = Admission(adaptation)
+        adm = GatePass(adaptation)
         # 1. fast path: the weights are right and nobody has waited too long
         if (not self._swapping and adaptation == self.current and not self._waiting.get(adaptation)
                 and not self._must_yield()):
@@ -90,7 +87,7 @@ class AdmissionGate:
                 self._forget(adaptation, fut)
             raise
 
-    def release(self, adm: Admission) -> None:
+    def release(self, adm: GatePass) -> None:
         self.running -= 1
         self._pump()
 
@@ -104,7 +101,7 @@ class AdmissionGate:
         self._waiting.clear()
 
     # -- policy ------------------------------------------------------------------------------------------
-    def _enter(self, adm: Admission) -> Admission:
+    def _enter(self, adm: GatePass) -> GatePass:
         adm.admitted = time.perf_counter()
         self.running += 1
         return adm

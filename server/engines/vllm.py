@@ -8,6 +8,10 @@ vllm_worker.py, does not). Contract:
   checked against the base exactly as in hf.py (`load_experts`); 2. the AsyncLLM starts with
   `worker_extension_cls` = vllm_worker.SVFWorkerExtension; 3. `collective_rpc("t2_init")` hands each worker
   the factor file, the adapted names and the expert files: each computes W' on its own device from then on.
+- Engine arguments (`_engine_args`, no model work): ours (model, dtype, max_num_seqs, the worker extension,
+  prefix caching), then the parallelism/memory settings of EngineConfig (tensor/pipeline parallel size,
+  executor, max_model_len, GPU memory share, eager), then the pass-through, checked in the constructor by
+  `check_engine_args` against AsyncEngineArgs' own fields and types; it never overrides what t2 sets.
 - Invariant (server/engines/admission.py): requests are admitted per adaptation by an `AdmissionGate` (the Scheduler's
   policy: the current adaptation keeps the weights until another has waited `max_wait_ms`; then its admitted
   requests drain, the weights swap with `collective_rpc("t2_apply")`, and the waiting group is admitted).
@@ -25,13 +29,14 @@ vllm_worker.py, does not). Contract:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Mapping
 
 import torch
 from transformers import AutoConfig, AutoTokenizer
@@ -50,16 +55,58 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from experts.expert import Expert
 from experts.mix import Adaptation
 from experts.svd import MLP_TARGETS, checkpoint_names, ensure_factors, model_ranks, target_names
-from server.engines.base import (Engine, GenerateRequest, LabelScores, RequestStats, SamplingParams,
-                                 ScoreRequest, TokenChunk)
-from server.engines.admission import Admission, AdmissionGate
+from server.engines.admission import AdmissionGate, GatePass
+from server.engines.base import (Engine, EngineHealth, GenerateRequest, LabelScores, RequestStats, ScoreRequest,
+                                 TokenChunk)
 from server.engines.common import (check_servable, label_walk, load_experts, resolve_device, resolve_dtype,
                                    walk_async)
+from server.engines.factory import StartupError
 from server.errors import EngineUnavailable, InvalidRequest
 
 log = logging.getLogger("t2.engine.vllm")
 
 WORKER_EXTENSION = "server.engines.vllm_worker.SVFWorkerExtension"
+
+# AsyncEngineArgs that t2 sets itself or that have their own `t2 serve` flag: not in the pass-through
+OWN_ENGINE_ARGS = {"model": "--model", "tokenizer": "--model", "served_model_name": "--served-model-name",
+                   "dtype": "--dtype", "max_num_seqs": "--max-batch", "worker_extension_cls": None,
+                   "enable_prefix_caching": None, "seed": None, "disable_log_stats": None,
+                   "tensor_parallel_size": "--tensor-parallel-size", "pipeline_parallel_size":
+                   "--pipeline-parallel-size", "distributed_executor_backend": "--distributed-executor-backend",
+                   "max_model_len": "--max-model-len", "gpu_memory_utilization": "--gpu-memory-utilization",
+                   "enforce_eager": "--enforce-eager"}
+
+
+class InvalidEngineArgs(StartupError):
+    """A pass-through engine argument vLLM does not have, or of the wrong type (a startup error)."""
+
+
+def check_engine_args(extra: Mapping[str, Any]) -> dict[str, Any]:
+    """The pass-through checked against AsyncEngineArgs' own fields and types (pydantic, strict JSON rules)."""
+    import dataclasses
+
+    from pydantic import TypeAdapter, ValidationError
+    fields = {f.name: f for f in dataclasses.fields(AsyncEngineArgs)}
+    out: dict[str, Any] = {}
+    for name, value in extra.items():
+        if name in OWN_ENGINE_ARGS:
+            flag = OWN_ENGINE_ARGS[name]
+            raise InvalidEngineArgs(f"--vllm-engine-args: {name} is set by t2 itself"
+                                    + (f" (use {flag})" if flag else ""))
+        if name not in fields:
+            raise InvalidEngineArgs(f"--vllm-engine-args: vLLM's AsyncEngineArgs has no argument {name!r}")
+        try:
+            adapter = TypeAdapter(fields[name].type)
+        except Exception:  # noqa: BLE001 - a type pydantic cannot check (a class, a torch dtype)
+            raise InvalidEngineArgs(f"--vllm-engine-args: {name} cannot be given as JSON") from None
+        try:
+            adapter.validate_json(json.dumps(value), strict=True)
+        except ValidationError as e:
+            msg = e.errors()[0].get("msg", "invalid value")
+            raise InvalidEngineArgs(f"--vllm-engine-args: {name}={json.dumps(value)}: {msg} "
+                                    f"(vLLM's type: {fields[name].type})") from None
+        out[name] = value
+    return out
 
 
 class VLLMEngine(Engine):
@@ -67,8 +114,9 @@ class VLLMEngine(Engine):
                  device: str = "auto", dtype: str = "auto", targets: tuple[str, ...] | None = None,
                  cache_dir: Path = Path(".cache/t2"), max_batch: int = 8, max_wait_ms: float = 500,
                  max_queue: int = 1024, patch_cache_mb: int = 1024, tensor_parallel_size: int = 1,
+                 pipeline_parallel_size: int = 1, distributed_executor_backend: str | None = None,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.85,
-                 enforce_eager: bool | None = None):
+                 enforce_eager: bool | None = None, engine_args: Mapping[str, Any] | None = None):
         self.model_dir = Path(model_dir)
         self.model_name = name or self.model_dir.name
         self.experts_dir = experts_dir
@@ -77,8 +125,10 @@ class VLLMEngine(Engine):
         self.targets = tuple(targets or MLP_TARGETS)
         self.cache_dir = Path(cache_dir)
         self.patch_cache_bytes = patch_cache_mb << 20
-        self.max_batch, self.tp = max_batch, tensor_parallel_size
+        self.max_batch, self.tp, self.pp = max_batch, tensor_parallel_size, pipeline_parallel_size
+        self._executor = distributed_executor_backend
         self._max_model_len, self._gpu_mem, self._eager = max_model_len, gpu_memory_utilization, enforce_eager
+        self._extra_args = check_engine_args(engine_args or {})   # a bad one fails here, before the start
         self.gate = AdmissionGate(self._swap, max_wait_s=max_wait_ms / 1e3, max_queue=max_queue)
         self.experts: dict[str, Expert] = {}
         self.fingerprint = ""
@@ -118,18 +168,27 @@ class VLLMEngine(Engine):
         self.experts = load_experts(self.experts_dir, ranks, self.fingerprint, self.model_name)
 
     def _engine_args(self) -> AsyncEngineArgs:
+        """vLLM's arguments: ours, the parallelism/memory flags, then the checked pass-through (no model work)."""
         cpu = not torch.cuda.is_available()
         if cpu:   # vLLM's CPU backend sizes its KV cache from this (GiB); without it, it takes most of a node
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        return AsyncEngineArgs(
+        args: dict[str, Any] = dict(
             model=str(self.model_dir), tokenizer=str(self.model_dir), served_model_name=self.model_name,
-            dtype=str(self.dtype).split(".")[-1], max_model_len=self.max_model_len,
-            max_num_seqs=self.max_batch, tensor_parallel_size=self.tp,
-            gpu_memory_utilization=self._gpu_mem, enforce_eager=cpu if self._eager is None else self._eager,
-            enable_prefix_caching=True, worker_extension_cls=WORKER_EXTENSION, seed=0,
+            dtype=str(self.dtype).split(".")[-1], max_num_seqs=self.max_batch,
+            enable_prefix_caching=True, worker_extension_cls=WORKER_EXTENSION, seed=0, disable_log_stats=True)
+        # ---- parallelism and memory: ServerConfig → EngineConfig → here (issue 11, part 1) ----
+        ranks = self.tp * self.pp
+        args.update(
+            tensor_parallel_size=self.tp, pipeline_parallel_size=self.pp,
             # one rank: the worker lives in the engine-core process (one process start fewer)
-            distributed_executor_backend="uni" if self.tp == 1 else None,
-            disable_log_stats=True)
+            distributed_executor_backend=self._executor or ("uni" if ranks == 1 else None),
+            max_model_len=self._max_model_len, gpu_memory_utilization=self._gpu_mem,
+            enforce_eager=cpu if self._eager is None else self._eager)
+        # ---- the pass-through (checked in __init__; never overrides what is set above) ----
+        clash = sorted(set(self._extra_args) & set(args))
+        if clash:
+            raise InvalidEngineArgs(f"--vllm-engine-args: {', '.join(clash)} is set by t2 itself")
+        return AsyncEngineArgs(**args, **self._extra_args)
 
     async def stop(self) -> None:
         self.gate.close(EngineUnavailable("the server is shutting down"))
@@ -137,15 +196,15 @@ class VLLMEngine(Engine):
             llm, self.llm = self.llm, None
             await asyncio.to_thread(llm.shutdown)
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> EngineHealth:
         alive = self.llm is not None and not getattr(self.llm, "errored", False)
         cur = self.gate.current
-        return {"status": "ok" if alive and not self._fault else "error", "engine": "vllm",
-                "device": self.worker_info.get("device"), "dtype": str(self.dtype).split(".")[-1],
-                "patch_path": self.worker_info.get("path"), "tensor_parallel_size": self.tp,
-                "adaptation": cur.key if cur is not None else None, "running": self.gate.running,
-                "waiting": self.gate.waiting(), "swaps": self.gate.swaps, "last_swap": self.last_swap,
-                "fault": self._fault}
+        return EngineHealth(
+            ok=alive and not self._fault, engine="vllm", device=self.worker_info.get("device"),
+            dtype=str(self.dtype).split(".")[-1], adaptation=cur.key if cur is not None else None,
+            running=self.gate.running, waiting=self.gate.waiting(), swaps=self.gate.swaps, fault=self._fault,
+            details={"patch_path": self.worker_info.get("path"), "tensor_parallel_size": self.tp,
+                     "pipeline_parallel_size": self.pp, "last_swap": self.last_swap})
 
     # -- the swap (called by the gate when no admitted request is left) -------------------------------------
     async def _swap(self, adaptation: Adaptation) -> dict[str, Any]:
@@ -162,10 +221,10 @@ class VLLMEngine(Engine):
         self.last_swap = max(reports, key=lambda r: r["ms"])
         return self.last_swap
 
-    def _admit_stats(self, stats: RequestStats, adm: Admission) -> None:
+    def _admit_stats(self, stats: RequestStats, adm: GatePass) -> None:
         stats.started = time.perf_counter()
         if adm.swap is not None:
-            stats.patch_ms, stats.patch_how = adm.swap["ms"], adm.swap["how"]
+            stats.patch_ms = adm.swap["ms"]
 
     async def apply(self, adaptation: Adaptation) -> float:
         self._check(adaptation)

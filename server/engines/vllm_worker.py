@@ -170,11 +170,6 @@ class SVFWorkerExtension:
         return {"key": key, "how": report.how, "patch_ms": report.ms, "reload_ms": reload_ms,
                 "ms": (time.perf_counter() - t0) * 1e3}
 
-    def t2_stats(self) -> dict[str, Any]:
-        p = self._t2_patcher
-        return {"current": p.current, "swaps": p.swaps, "cached": p.cached_keys, "cached_bytes": p.cached_bytes(),
-                "path": "reload" if self._t2_repacked else "copy"}
-
     # -- the reload path --------------------------------------------------------------------------------------
     def _t2_reload(self) -> None:
         weights = [(n, m.param) for n, m in self._t2_patcher.matrices.items()] + list(self._t2_extra.items())

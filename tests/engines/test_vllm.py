@@ -68,7 +68,7 @@ def test_chat_stream_and_completions_with_the_t2_report(vclient, vllm_live):
                                             temperature=0, stream=True))
     assert "".join(p.choices[0].text for p in parts if p.choices) == c.choices[0].text
     h = vllm_live.engine.health()
-    assert h["engine"] == "vllm" and h["status"] == "ok" and h["patch_path"] in ("copy", "reload")
+    assert h.engine == "vllm" and h.ok and h.details["patch_path"] in ("copy", "reload")
 
 
 def test_first_pass_scores_the_labels_in_one_constrained_step(vclient):
