@@ -31,7 +31,7 @@ from experts.svd import MLP_TARGETS, target_names
 FORMAT = "t2-expert"
 FORMAT_VERSION = "1"
 BASE_NAME = "base"  # the key of the base weights (experts.mix re-exports it); no expert may be named so
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z")   # \Z: "$" would let a trailing newline in
 
 
 @dataclass

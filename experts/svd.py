@@ -121,7 +121,7 @@ def decompose(weights: Mapping[str, torch.Tensor], device: str | torch.device = 
               progress: bool = True) -> dict[str, Factors]:
     """fp32 thin SVD of every given matrix. Runs on `device` (a GPU is much faster) and returns CPU tensors."""
     out: dict[str, Factors] = {}
-    for name in tqdm(list(weights), desc="SVD", unit="matrix", disable=not progress):
+    for name in tqdm(list(weights), desc="SVD", unit="matrix", disable=None if progress else True):  # None: a TTY only
         W = weights[name].to(device=device, dtype=torch.float32)  # [m, n]
         U, s, Vh = torch.linalg.svd(W, full_matrices=False)       # [m, r], [r], [r, n]
         out[name] = Factors(U.contiguous().cpu(), s.contiguous().cpu(), Vh.contiguous().cpu())

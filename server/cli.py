@@ -90,7 +90,8 @@ def serve(**fields) -> None:
         config = ServerConfig(**fields)
     except ValidationError as e:
         _fail(e)
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server import logs
+    logs.configure(config.log_level, config.log_format)
     # 2. before any port is bound: the model folder, the experts (each file against the base), the engine's
     #    settings (vLLM's engine arguments included); each failure is one line naming the file, exit 1
     try:
@@ -111,11 +112,18 @@ def serve(**fields) -> None:
     from server.api.app import create_app
     application = create_app(config, engine)
     # 3. serve. SIGTERM / Ctrl-C: stop accepting, let in-flight requests finish (up to graceful_timeout_s),
-    #    then exit (SIGTERM: exit 0 after the drain, as orchestrators expect; uvicorn alone re-raises it)
+    #    then end the rest in the OpenAI shape (streams: an error event and [DONE]) and exit (SIGTERM: exit 0,
+    #    as orchestrators expect; uvicorn alone re-raises it). uvicorn's own deadline, which cancels tasks
+    #    mid-response, is a margin later and only a backstop.
     server = _DrainingServer(uvicorn.Config(application, host=config.host, port=config.port,
-                                            log_level=config.log_level,
-                                            timeout_graceful_shutdown=config.graceful_timeout_s))
+                                            log_level=config.log_level, access_log=False,
+                                            log_config=logs.uvicorn_log_config(config.log_level, config.log_format),
+                                            timeout_graceful_shutdown=config.graceful_timeout_s + _CUT_MARGIN_S))
+    server.grace_s, server.stop_requests = config.graceful_timeout_s, application.state.shutdown.stop
     server.run()
+
+
+_CUT_MARGIN_S = 10.0     # between ending the open requests and uvicorn cancelling what is left
 
 
 def _draining_server_class():
@@ -124,6 +132,17 @@ def _draining_server_class():
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
+        grace_s: float = 0.0
+        stop_requests = staticmethod(lambda: None)
+
+        async def shutdown(self, sockets=None) -> None:
+            import asyncio
+            timer = asyncio.get_running_loop().call_later(self.grace_s, self.stop_requests)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
+
         def handle_exit(self, sig, frame) -> None:
             super().handle_exit(sig, frame)
             if sig == _signal.SIGTERM:

@@ -64,6 +64,8 @@ class ServerConfig(BaseModel):
         "hermes", description="How tool calls are read from free output (tool_choice auto), vLLM's names.")
     json_any_whitespace: bool = Field(
         False, description="Let constrained JSON have free whitespace; default compact (no newlines or runs).")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text, or one JSON object per line (for log collectors).")
     # ---- security ----
     api_key: Optional[str] = Field(
         None, description="Require 'Authorization: Bearer KEY' on /v1 (off when unset).")
@@ -73,6 +75,9 @@ class ServerConfig(BaseModel):
         None, description="The only folder the admin API loads experts from. Default: the experts folder.")
     cors_origins: str = Field(
         "", description="Comma-separated origins allowed by CORS ('*' = any); empty = no CORS headers.")
+    allowed_hosts: str = Field(
+        "", description="Comma-separated Host names the server answers ('*.example.com' = its subdomains); "
+        "others get a 400. Empty = any Host (set it when no API key is: it stops DNS rebinding).")
     # ---- limits ----
     max_body_bytes: int = Field(2 << 20, ge=1024, description="Largest request body; beyond, 413.")
     max_tokens_limit: int = Field(
@@ -80,6 +85,9 @@ class ServerConfig(BaseModel):
     max_concurrent_requests: int = Field(
         256, ge=1, description="Most /v1 generation requests in flight; beyond, 429 with Retry-After.")
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with a 429.")
+    max_new_blends_per_minute: int = Field(
+        60, ge=0, description="Most new client-chosen blends (t2.experts with two or more experts, not used "
+        "recently) per minute, server-wide; beyond, 429. Each new blend costs a weight composition. 0 = no limit.")
     request_timeout_s: float = Field(
         600.0, gt=0, description="Longest a request may take (first pass + answer); beyond, it is aborted (504).")
     graceful_timeout_s: float = Field(

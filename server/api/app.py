@@ -6,13 +6,17 @@ Contract:
   with it. The app's objects live on `app.state` (config, engine, serving, metrics, in_flight); routes and
   error handlers are module-level functions that read them there (as vLLM's api_server does). Routes only
   parse, call `Serving` (server/api/serving.py), and wrap the result (JSON or SSE).
-- Every error leaves as `{"error": {"message", "type", "param", "code"}}`: validation errors and bad JSON
-  as 400 naming the field, our ServerErrors with their status, unknown routes 404, and anything unexpected
-  as a 500 from the backstop handler (logged with its stack trace, never sent to the client).
-- Guard (an ASGI middleware, before any parsing): `/v1` needs `Authorization: Bearer <api_key>` when an API
-  key is set; `/admin` exists only when an admin key is set and needs that key (both compared in constant
+- Every error leaves as `{"error": {"message", "type", "param", "code", "request_id"}}`: validation errors
+  and bad JSON as 400 naming the field, our ServerErrors with their status, unknown routes 404, and anything
+  unexpected as a 500 from the backstop of RequestLog (server/api/observe.py: logged with its stack trace,
+  never sent to the client). RequestLog, the outermost middleware, also gives each request its id and logs
+  its one line.
+- Guard (an ASGI middleware, before any parsing): the Host header must be allowed (`allowed_hosts`, when
+  set); `/v1` and the API docs need `Authorization: Bearer <api_key>` when an API key is set; `/admin` exists only when an admin key is set and needs that key (both compared in constant
   time; a miss is an OpenAI-shaped 401); bodies over `max_body_bytes` are a 413. CORS wraps everything when
   origins are configured. `/health` and `/metrics` are open (probes and scrapers).
+- On shutdown, once the graceful period is over (`app.state.shutdown`, server/api/shutdown.py), every open
+  generation request ends in the OpenAI shape: a 503 `server_shutdown`, or an error event and [DONE].
 - Generation routes let at most `max_concurrent_requests` in at once (`InFlightLimit`; beyond: 429 +
   Retry-After, as for a full scheduler queue), abort a request whose client disconnects (stream or not:
   its engine rows are freed at once), and abort one that runs past `request_timeout_s` (504, or an error
@@ -45,7 +49,10 @@ from server.api.serving import Serving
 from server.config import ServerConfig
 from server.engines.base import Engine
 from server.engines.factory import EngineConfig, make_engine
-from server.errors import InvalidRequest, ModelNotFound, Overloaded, RequestTimeout, ServerError
+from server.api.observe import RequestLog
+from server.api.shutdown import Shutdown, shutting_down
+from server.errors import (InvalidRequest, ModelNotFound, Overloaded, RequestTimeout, ServerError, error_body,
+                           sse_error)
 from server.metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger("t2.api")
@@ -53,8 +60,7 @@ log = logging.getLogger("t2.api")
 
 def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
            headers: dict[str, str] | None = None) -> JSONResponse:
-    body = P.ErrorResponse(error=P.ErrorInfo(message=message, type=type_, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -66,6 +72,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if e.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
     param = ".".join(loc) or None
+    bad = (e.get("ctx") or {}).get("error")
+    if isinstance(bad, P.NotUnicode):               # a lone surrogate: name the string, not its model
+        return str(bad), bad.param
     more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
     return f"{param or 'body'}: {e.get('msg', 'invalid value')}{more}", param
 
@@ -83,11 +92,28 @@ def _bearer_ok(scope: dict, key: str) -> bool:
     return False
 
 
+def _is_docs(path: str) -> bool:
+    """The interactive docs and the schema they read (they list every route, admin included)."""
+    return path in ("/openapi.json", "/docs", "/redoc") or path.startswith("/docs/")
+
+
+def _host_of(scope: dict) -> str:
+    host = dict(scope.get("headers", ())).get(b"host", b"").decode("latin-1").lower()
+    return host[1:host.index("]")] if host.startswith("[") and "]" in host else host.split(":")[0]
+
+
+def host_allowed(host: str, allowed: list[str]) -> bool:
+    """`allowed` entries: a host name, `*.domain` (any subdomain of it) or `*` (any)."""
+    return any(a == "*" or a == host or (a.startswith("*.") and host.endswith(a[1:])) for a in allowed)
+
+
 class Guard:
-    """ASGI middleware: API key on /v1, admin key on /admin, body size limit, error counts for /metrics."""
+    """ASGI middleware: Host check, API key on /v1 and the docs, admin key on /admin, body size limit,
+    error counts for /metrics."""
 
     def __init__(self, app, config: ServerConfig, metrics: Metrics):
         self.app, self.config, self.metrics = app, config, metrics
+        self.hosts = [h.strip().lower() for h in config.allowed_hosts.split(",") if h.strip()]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -95,14 +121,18 @@ class Guard:
         path, cfg = scope["path"], self.config
         v1 = path == "/v1" or path.startswith("/v1/")
         denied: JSONResponse | None = None
-        # 1. who may call: /admin only with the admin key (absent without one), /v1 with the API key
-        if path == "/admin" or path.startswith("/admin/"):
+        # 1. who may call: only through an allowed Host name (when a list is set: DNS rebinding);
+        #    /admin only with the admin key (absent without one), /v1 and the docs with the API key
+        if self.hosts and not host_allowed(_host_of(scope), self.hosts):
+            denied = _error(400, "this Host header is not allowed on this server (--allowed-hosts)",
+                            "invalid_request_error", None, "invalid_host")
+        elif path == "/admin" or path.startswith("/admin/"):
             if not cfg.admin_key:
                 denied = _error(404, "the admin API is off (no admin key is set)", "invalid_request_error",
                                 None, "not_found")
             elif not _bearer_ok(scope, cfg.admin_key):
                 denied = _unauthorized("admin")
-        elif v1 and cfg.api_key and not _bearer_ok(scope, cfg.api_key):
+        elif (v1 or _is_docs(path)) and cfg.api_key and not _bearer_ok(scope, cfg.api_key):
             denied = _unauthorized("API")
         # 2. how much it may send: a declared length at once, a chunked body while it is read
         if denied is None:
@@ -186,20 +216,22 @@ class InFlightLimit:
         return leave
 
 
-async def _bounded(body: AsyncIterator[str], deadline: float, leave: Callable[[], None]) -> AsyncIterator[str]:
-    """A stream that ends with an error event at the deadline, and gives its in-flight slot back at its end."""
+async def _bounded(body: AsyncIterator[str], deadline: float, leave: Callable[[], None],
+                   shutdown: Shutdown) -> AsyncIterator[str]:
+    """A stream that ends with an error event at the deadline or at the end of a shutdown's graceful period,
+    and gives its in-flight slot back at its end."""
     try:
         async with aclosing(body):
             while True:
                 try:
-                    async with asyncio.timeout_at(deadline):
-                        piece = await body.__anext__()
+                    async with asyncio.timeout_at(deadline) as timeout:
+                        with shutdown.cut(timeout):
+                            piece = await body.__anext__()
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
-                    err = RequestTimeout("the request ran past the server's request timeout")
-                    yield ('data: {"error": {"message": "%s", "type": "%s", "param": null, "code": "%s"}}\n\n'
-                           % (err.message, err.type, err.code))
+                    yield sse_error(shutting_down() if shutdown.stopping else
+                                    RequestTimeout("the request ran past the server's request timeout"))
                     yield "data: [DONE]\n\n"
                     return
                 yield piece
@@ -233,15 +265,17 @@ def _expert_file(root: Path | None, name: str) -> Path:
         raise InvalidRequest("name must be an expert name (1-64 letters, digits, '_', '-', '.'), not a path",
                              "name")
     base = Path(root).resolve()
-    path = (base / f"{name}.safetensors").resolve()      # follows symlinks: one pointing out is refused
-    if path.parent != base:
+    link = base / f"{name}.safetensors"
+    target = link.resolve()                              # follows symlinks: one pointing out is refused
+    if target.parent != base:
         raise InvalidRequest("the expert file must be inside the admin experts folder", "name")
-    if not path.is_file():
+    if not target.is_file():
         raise ModelNotFound(f"no file {name}.safetensors in the admin experts folder", "name")
-    return path
+    return link      # a symlink inside the folder loads under its own name (the name asked for), as at start
 
 
 _ERRORS = {s: {"model": P.ErrorResponse} for s in (400, 401, 404, 413, 429, 503, 504)}
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 _STREAM_DOC = {"description": "JSON, or with stream=true a text/event-stream of chunks ending in [DONE]",
                "content": {"text/event-stream": {"schema": {"type": "string"}}}}
 
@@ -260,13 +294,16 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     st.config, st.engine, st.metrics = config, engine, Metrics(engine)
     st.serving = Serving(engine, config, st.metrics)
     st.in_flight = InFlightLimit(config.max_concurrent_requests)
+    st.shutdown = Shutdown()                # stopped by `t2 serve` when the graceful period ends
     st.admin_experts_dir = config.admin_experts_dir or engine.experts_dir
     # 3. middleware
     app.add_middleware(Guard, config=config, metrics=st.metrics)
     if config.cors_origins.strip():         # added last = outermost: preflights never meet the guard
         origins = [o.strip() for o in config.cors_origins.split(",") if o.strip()]
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"],
-                           expose_headers=["Retry-After"])
+                           expose_headers=["Retry-After", "X-Request-Id"])
+    # outermost: every response (CORS preflights and the Guard's refusals too) has the request id
+    app.add_middleware(RequestLog, on_error=lambda path, status: path.startswith("/v1") and st.metrics.error(status))
     # 4. errors (one place) and routes
     for exc_type, handler in _ERROR_HANDLERS.items():
         app.add_exception_handler(exc_type, handler)
@@ -304,30 +341,30 @@ async def on_expert_error(_: Request, exc: ExpertError):
 
 
 async def on_http(_: Request, exc: StarletteHTTPException):
-    return _error(exc.status_code, str(exc.detail), "invalid_request_error", None, None)
+    return _error(exc.status_code, str(exc.detail), "invalid_request_error", None,
+                  _HTTP_CODES.get(exc.status_code, "http_error"))
 
 
-async def on_unexpected(_: Request, exc: Exception):
-    log.exception("unhandled error")
-    return _error(500, f"internal server error ({type(exc).__name__})", "server_error")
-
-
+# anything unexpected: the 500 backstop of RequestLog (server/api/observe.py), inside the error metric
 _ERROR_HANDLERS: dict[type[Exception], Callable] = {
     RequestValidationError: on_validation, ServerError: on_server_error, ExpertError: on_expert_error,
-    StarletteHTTPException: on_http, Exception: on_unexpected}
+    StarletteHTTPException: on_http}
 
 
 # ---- generation routes ----
 async def generate(request: Request, work: Callable[[], Awaitable[Any]]):
     """In-flight limit, timeout and disconnect around one generation request; JSON or a bounded SSE stream."""
     config: ServerConfig = request.app.state.config
-    leave = request.app.state.in_flight.enter()
+    leave, shutdown = request.app.state.in_flight.enter(), request.app.state.shutdown
     deadline = asyncio.get_running_loop().time() + config.request_timeout_s
     try:
-        async with asyncio.timeout_at(deadline):
-            result = await _unless_disconnected(request.receive, work())
+        async with asyncio.timeout_at(deadline) as timeout:
+            with shutdown.cut(timeout):
+                result = await _unless_disconnected(request.receive, work())
     except TimeoutError:
         leave()
+        if shutdown.stopping:
+            raise shutting_down() from None
         raise RequestTimeout("the request ran past the server's request timeout "
                              f"({config.request_timeout_s:g} s)") from None
     except BaseException:
@@ -336,7 +373,7 @@ async def generate(request: Request, work: Callable[[], Awaitable[Any]]):
     if isinstance(result, P.BaseModel):
         leave()
         return JSONResponse(result.model_dump(mode="json"))
-    return StreamingResponse(_bounded(result, deadline, leave), media_type="text/event-stream",
+    return StreamingResponse(_bounded(result, deadline, leave, shutdown), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 

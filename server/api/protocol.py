@@ -13,13 +13,43 @@ import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from experts.dispatch import Strategy
 
 
+class NotUnicode(ValueError):
+    """A request string with a lone UTF-16 surrogate (valid JSON, not valid Unicode): a 400 naming it."""
+
+    def __init__(self, param: str):
+        super().__init__(f"{param} is not valid Unicode text (it holds a lone surrogate, e.g. \\ud800)")
+        self.param = param
+
+
+def _unicode_only(value: Any, path: str) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise NotUnicode(path or "body") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _unicode_only(k, path)
+            _unicode_only(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _unicode_only(v, f"{path}.{i}")
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # NaN and ±inf are refused as such ("finite number"), not reported as out of a field's range
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_unicode(cls, data: Any) -> Any:
+        _unicode_only(data, "")     # the outermost model sees the whole body first: the path is exact
+        return data
 
 
 # ================================ t2 extensions (ours, not OpenAI's) ================================
@@ -109,6 +139,7 @@ class ErrorInfo(BaseModel):
     type: str
     param: Optional[str] = None
     code: Optional[str] = None
+    request_id: Optional[str] = Field(None, description="Ours: the request's id (also the X-Request-Id header).")
 
 
 class ErrorResponse(BaseModel):

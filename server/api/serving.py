@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from contextlib import aclosing
@@ -39,11 +40,15 @@ from server.api import protocol as P
 from server.api.logprobs import chat_logprobs, completion_logprobs, parse_logit_bias
 from server.api import structured as SO
 from server.api.tools import ToolPlan
+from server.chat_tokens import encode_chat
 from server.config import ServerConfig
 from server.engines.base import Engine, GenerateRequest, SamplingParams, ScoreRequest, TokenChunk
-from server.errors import InvalidRequest, ModelNotFound, ServerError
+from server.api.observe import note
+from server.errors import InvalidRequest, ModelNotFound, ServerError, sse_error
+from server.limits import BlendBudget
 from server.metrics import Metrics
 
+log = logging.getLogger("t2.serving")
 AUTO = "auto"
 MAX_STOP = 16
 
@@ -92,6 +97,7 @@ class Serving:
         self.engine, self.config, self.metrics = engine, config, metrics
         self._label_overhead: int | None = None
         self._template = SO.chat_template(config)
+        self.blends = BlendBudget(config.max_new_blends_per_minute)
 
     # ---- catalogue ----------------------------------------------------------------------------------
     @property
@@ -149,7 +155,8 @@ class Serving:
         return strategy, explicit
 
     def _check_common(self, req: P.ChatCompletionRequest | P.CompletionRequest, prompt_len: int,
-                      max_tokens: int | None, constraint: Any = None, **sampling: Any) -> list[SamplingParams]:
+                      max_tokens: int | None, constraint: Any = None, max_tokens_param: str = "max_tokens",
+                      **sampling: Any) -> list[SamplingParams]:
         if req.frequency_penalty or req.presence_penalty:
             raise InvalidRequest("frequency_penalty and presence_penalty are not supported (use 0)",
                                  "frequency_penalty" if req.frequency_penalty else "presence_penalty")
@@ -171,12 +178,12 @@ class Serving:
                                  f"{prompt_len}.", "messages", code="context_length_exceeded")
         room = limit - prompt_len
         if max_tokens is not None and max_tokens > self.config.max_tokens_limit:
-            raise InvalidRequest(f"max_tokens must be ≤ {self.config.max_tokens_limit} on this server "
-                                 f"(got {max_tokens})", "max_tokens")
+            raise InvalidRequest(f"{max_tokens_param} must be ≤ {self.config.max_tokens_limit} on this server "
+                                 f"(got {max_tokens})", max_tokens_param)
         if max_tokens is not None and max_tokens > room:
             raise InvalidRequest(f"This model's maximum context length is {limit} tokens: the prompt has "
-                                 f"{prompt_len}, so max_tokens must be ≤ {room} (got {max_tokens}).",
-                                 "max_tokens", code="context_length_exceeded")
+                                 f"{prompt_len}, so {max_tokens_param} must be ≤ {room} (got {max_tokens}).",
+                                 max_tokens_param, code="context_length_exceeded")
         mt = max_tokens if max_tokens is not None else min(self.config.default_max_tokens,
                                                            self.config.max_tokens_limit, room)
         temp = 1.0 if req.temperature is None else req.temperature
@@ -199,13 +206,15 @@ class Serving:
     def _prepare_chat(self, req: P.ChatCompletionRequest) -> Prepared:
         strategy, explicit = self._resolve(req.model, req.t2)
         messages, plan, constraint = SO.prepare_chat(req, self.engine.grammars, self.config)
-        ids = self._tokenize(self._chat_template(messages, tools=plan and plan.template_tools()))
+        tools = plan and plan.template_tools()
+        ids = encode_chat(self.engine.tokenizer, messages,                  # no control tokens from content
+                          lambda ms: self._chat_template(ms, tools=tools))
         users = [m["content"] for m in messages if m["role"] == "user"]
-        question = users[-1] if users else "\n".join(m["content"] for m in messages)
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        question = users[-1] if users else "\n".join(m["content"] or "" for m in messages)
+        which = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidRequest("top_logprobs needs logprobs=true", "top_logprobs")
-        params = self._check_common(req, len(ids), max_tokens, constraint,
+        params = self._check_common(req, len(ids), getattr(req, which), constraint, which,
                                     logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         return Prepared(ids, question, params, strategy, explicit, req.stream,
                         bool(req.stream_options and req.stream_options.include_usage), logprobs=bool(req.logprobs),
@@ -249,8 +258,10 @@ class Serving:
         q_ids = self._tokenize(question)
         if len(q_ids) > room:
             question = self.engine.tokenizer.decode(q_ids[:max(0, room)])
-        prompt = self._chat_template(classification_messages(question), ANSWER_PREFIX)
-        full = [self._tokenize(prompt + label + LABEL_SUFFIX) for label in LABELS]
+        msgs = classification_messages(question)
+        full = [encode_chat(self.engine.tokenizer, msgs,
+                            lambda m, lab=label: self._chat_template(m, ANSWER_PREFIX) + lab + LABEL_SUFFIX)
+                for label in LABELS]
         common = 0
         while all(len(f) > common + 1 and f[common] == full[0][common] for f in full):
             common += 1
@@ -259,6 +270,8 @@ class Serving:
     async def dispatch(self, prep: Prepared) -> Dispatched:
         if prep.strategy == Strategy.EXPLICIT:
             assert prep.explicit is not None
+            if len(prep.explicit.mix) > 1:     # a client-chosen blend: new ones are bounded per minute
+                self.blends.admit(prep.explicit.key)
             return Dispatched(prep.strategy, prep.explicit)
         if prep.strategy == Strategy.NONE:
             return Dispatched(prep.strategy, BASE)
@@ -296,6 +309,11 @@ class Serving:
                 self.metrics.first_token(track.first - track.t0)
 
     def _record(self, track: _Track, prep: Prepared, d: Dispatched, reqs: Sequence[GenerateRequest]) -> None:
+        note(strategy=d.strategy.value, label=d.label, adaptation=d.adaptation.key,
+             prompt_tokens=len(prep.prompt_ids), completion_tokens=sum(r.stats.completion_tokens for r in reqs),
+             first_pass_ms=d.first_pass_ms, patch_ms=max(r.stats.patch_ms for r in reqs),
+             queue_ms=max(r.stats.queue_ms for r in reqs),
+             finish=list(track.finish) if track.finish and all(track.finish) else None)
         if self.metrics is None:
             return
         if prep.params[0].constraint is not None:
@@ -355,6 +373,7 @@ class Serving:
                 t.cancel()
 
     async def chat(self, req: P.ChatCompletionRequest) -> P.ChatCompletionResponse | AsyncIterator[str]:
+        note(model=req.model)
         track = _Track(time.perf_counter())
         prep = await asyncio.to_thread(self._prepare_chat, req)
         d = await self.dispatch(prep)
@@ -430,6 +449,7 @@ class Serving:
         return body()
 
     async def completions(self, req: P.CompletionRequest) -> P.CompletionResponse | AsyncIterator[str]:
+        note(model=req.model)
         track = _Track(time.perf_counter())
         prep = await asyncio.to_thread(self._prepare_completion, req)
         d = await self.dispatch(prep)
@@ -505,8 +525,9 @@ async def _guard_stream(body: AsyncIterator[str]) -> AsyncIterator[str]:
             async for piece in body:
                 yield piece
     except ServerError as e:
-        yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'param': e.param, 'code': e.code}})}\n\n"
+        yield sse_error(e)
         yield "data: [DONE]\n\n"
     except Exception as e:  # noqa: BLE001 - the headers are sent: report in-band, never crash
-        yield f"data: {json.dumps({'error': {'message': f'internal error: {type(e).__name__}', 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+        log.exception("stream failed")
+        yield sse_error(ServerError(f"internal error: {type(e).__name__}", code="internal_error"))
         yield "data: [DONE]\n\n"

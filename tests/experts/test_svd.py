@@ -19,6 +19,7 @@ from experts.svd import (
     Factors,
     checkpoint_names,
     decompose,
+    factors_path,
     fingerprint,
     load_factors,
     model_fingerprint,
@@ -306,3 +307,26 @@ def test_model_ranks_is_min_of_shape(tiny_model_dir, tmp_path):
     assert both["model.layers.1.self_attn.q_proj.weight"] == 64
     factors, _ = load_factors(tiny_model_dir, tmp_path / "cache", targets=CANDIDATE_TARGETS, progress=False)
     assert {n: f.rank for n, f in factors.items()} == both
+
+
+def test_ensure_factors_checks_its_own_fingerprint(tiny_model_dir, tmp_path, monkeypatch):
+    """ensure_factors (the vLLM front process's check) reuses a fresh cache without decomposing, and rebuilds
+    one made for other weights or lacking targets; the fingerprint it returns is the model's."""
+    import experts.svd as svd
+    d = _copy_model(tiny_model_dir, tmp_path / "m")
+    cache = tmp_path / "cache"
+    calls = []
+    real = svd.decompose
+    monkeypatch.setattr(svd, "decompose", lambda *a, **k: calls.append(1) or real(*a, **k))
+    path, fp = svd.ensure_factors(d, cache, progress=False)
+    assert path == factors_path(cache) and path.is_file() and fp == model_fingerprint(d) and len(calls) == 1
+    assert svd.ensure_factors(d, cache, progress=False) == (path, fp) and len(calls) == 1     # fresh: reused
+    name = "model.layers.1.mlp.up_proj.weight"
+    new_w = _edit_weight(d, name, index=(3, 7), delta=0.5)
+    path2, fp2 = svd.ensure_factors(d, cache, progress=False)
+    assert fp2 != fp and fp2 == model_fingerprint(d) and len(calls) == 2                      # other weights
+    assert json.loads((cache / "manifest.json").read_text())["fingerprint"] == fp2
+    torch.testing.assert_close(_reconstruct(load_factors(d, cache, progress=False)[0][name]), new_w,
+                               rtol=1e-5, atol=1e-5)
+    svd.ensure_factors(d, cache, targets=CANDIDATE_TARGETS, progress=False)                 # lacks targets
+    assert len(calls) == 3      # load_factors above reused (no call); this one rebuilt

@@ -119,7 +119,7 @@ def test_completions_plain_and_stream(client):
 def error_of(resp, status):
     assert resp.status_code == status, resp.text
     err = resp.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert set(err) == {"message", "type", "param", "code", "request_id"} and err["message"]
     return err
 
 

@@ -31,10 +31,18 @@ def test_stop_string_cuts_the_answer_even_across_tokens(tiny_model_dir):
 
 def test_held_back_text_is_never_streamed_before_it_is_final(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    # 1. the stop string is in the answer: nothing of it (or after it) is ever streamed
     d = Detokenizer(tok, ["END"])
-    streamed = ""
-    for i in tok("xx EN yy E", add_special_tokens=False)["input_ids"]:
-        streamed += d.push(i)[0]
-        assert "END" not in streamed
-    assert not streamed.endswith("E")                          # could still become END
+    streamed, stopped = "", False
+    for i in tok("xx EN yy END zz", add_special_tokens=False)["input_ids"]:
+        piece, stopped = d.push(i)
+        streamed += piece
+        assert "END" not in streamed and "EN" not in streamed[6:] and "zz" not in streamed, streamed
+        if stopped:
+            break
+    assert stopped and streamed + d.flush() == "xx EN yy "
+    # 2. a tail that could still become the stop string is held back until the answer ends
+    d = Detokenizer(tok, ["END"])
+    streamed = "".join(d.push(i)[0] for i in tok("xx EN yy E", add_special_tokens=False)["input_ids"])
+    assert not streamed.endswith("E")
     assert streamed + d.flush() == "xx EN yy E"

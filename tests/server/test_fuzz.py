@@ -72,7 +72,7 @@ def test_fuzz_the_openapi_schema_no_5xx(fuzz_server):
                                                    f"{resp.status_code} {resp.text[:300]}"
                     if resp.status_code >= 400 and resp.headers.get("content-type", "").startswith("application/json"):
                         err = resp.json()["error"]
-                        assert set(err) == {"message", "type", "param", "code"}
+                        assert set(err) == {"message", "type", "param", "code", "request_id"}
 
                 try:
                     run()

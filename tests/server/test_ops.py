@@ -32,7 +32,7 @@ AUTH, ADMIN_AUTH = {"Authorization": f"Bearer {KEY}"}, {"Authorization": f"Beare
 def error_of(resp, status):
     assert resp.status_code == status, resp.text
     err = resp.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert set(err) == {"message", "type", "param", "code", "request_id"} and err["message"]
     return err
 
 
@@ -62,6 +62,7 @@ def admin_dir(tiny_model_dir, tmp_path_factory) -> Path:
     random_expert("outsider", ranks, 0.5, 12, base_model=tiny_model_dir.name,
                   base_fingerprint=fp).save(outside / "outsider.safetensors")
     (d / "linked.safetensors").symlink_to(outside / "outsider.safetensors")
+    (d / "alias.safetensors").symlink_to(d / "extra.safetensors")     # inside: loads as "alias"
     (d / "notes.txt").write_text("not an expert")
     return d
 
@@ -90,9 +91,17 @@ def test_api_key_is_required_on_v1_only(ops, oc):
     assert r.headers["www-authenticate"] == "Bearer"
     # no body parsing happens before the key check: bad JSON without a key is a 401, not a 400
     error_of(httpx.post(ops.url + "/v1/chat/completions", content=b"{nope"), 401)
-    assert oc.chat.completions.create(model="auto", messages=MSG, max_tokens=2).choices[0].message.content
+    assert oc.chat.completions.create(model="auto", messages=MSG, max_tokens=2, temperature=0).choices[0].message.content
     assert httpx.get(ops.url + "/health").status_code == 200
     assert httpx.get(ops.url + "/metrics").status_code == 200
+
+
+def test_docs_need_the_api_key_when_one_is_set(ops, live):
+    for path in ("/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"):
+        error_of(httpx.get(ops.url + path), 401)
+        assert httpx.get(ops.url + path, headers=AUTH).status_code == 200, path
+    assert "/admin/experts" in httpx.get(ops.url + "/openapi.json", headers=AUTH).json()["paths"]
+    assert httpx.get(live.url + "/openapi.json").status_code == 200        # no key set: open, as before
 
 
 # ---- admin API ------------------------------------------------------------------------------------
@@ -135,11 +144,18 @@ def test_admin_load_serve_unload(ops, oc):
     assert h.post("/admin/experts", json={"name": "extra"}).status_code == 201
     assert ask("tiny-llama:extra") == first
     assert h.delete("/admin/experts/extra").status_code == 200
+    # a symlink inside the folder loads under the link's name (the name asked for), not its target's
+    r = h.post("/admin/experts", json={"name": "alias"})
+    assert r.status_code == 201 and r.json()["name"] == "alias", r.text
+    assert sorted(ops.engine.experts) == ["alias", "clf", "code", "math", "reasoning"]
+    assert ask("tiny-llama:alias") == first
+    assert h.delete("/admin/experts/alias").status_code == 200
 
 
 @pytest.mark.parametrize("name,status", [("../extra", 400), ("a/b", 400), ("..", 400), ("/etc/passwd", 400),
                                          ("extra.safetensors/../extra", 400), ("base", 400), ("", 400),
-                                         ("nothere", 404), ("notes", 404), ("broken", 400), ("linked", 400)])
+                                         ("nothere", 404), ("notes", 404), ("broken", 400), ("linked", 400),
+                                         ("extra\n", 400), ("extra\r\n", 400)])
 def test_admin_refuses_paths_and_bad_files(ops, name, status):
     err = error_of(httpx.post(ops.url + "/admin/experts", json={"name": name}, headers=ADMIN_AUTH), status)
     assert "Traceback" not in err["message"]
@@ -169,15 +185,16 @@ def test_body_size_limit(ops):
             yield data[i:i + 8192]
     r = httpx.post(ops.url + "/v1/chat/completions", content=chunked(),
                    headers={**AUTH, "content-type": "application/json"})
-    error_of(r, 413)
+    assert error_of(r, 413)["code"] == "request_too_large"
 
 
 def test_max_tokens_and_n_limits(ops):
-    for body, param in (({"max_tokens": 201}, "max_tokens"), ({"max_completion_tokens": 10_000}, "max_tokens"),
-                        ({"n": 9}, "n")):
+    for body, param in (({"max_tokens": 201}, "max_tokens"), ({"max_completion_tokens": 10_000}, "max_completion_tokens"),
+                        ({"max_completion_tokens": 201, "max_tokens": 5}, "max_completion_tokens"),
+                        ({"max_completion_tokens": 500}, "max_completion_tokens"), ({"n": 9}, "n")):
         err = error_of(httpx.post(ops.url + "/v1/chat/completions", headers=AUTH,
                                   json={"model": "auto", "messages": MSG, **body}), 400)
-        assert err["param"] == param
+        assert err["param"] == param and (err["message"].startswith(param) or f"so {param} must" in err["message"])
 
 
 def _open_stream(url: str, max_tokens: int = 150):
@@ -248,12 +265,14 @@ def slow_engine(engine, seconds: float = 0.01):
 
 def test_request_timeout_aborts_and_frees(tiny_model_dir, tiny_experts_dir, tmp_path):
     with serve(tiny_model_dir, tiny_experts_dir, tmp_path, request_timeout_s=0.5) as s:
-        slow_engine(s.engine)
+        slow_engine(s.engine, 0.1)                        # 400 tokens take ≥ 40 s
         body = {"model": "tiny-llama", "messages": MSG, "max_tokens": 400, "ignore_eos": True}
         t0 = time.monotonic()
         err = error_of(httpx.post(s.url + "/v1/chat/completions", json=body, timeout=60), 504)
-        assert err["code"] == "request_timeout" and time.monotonic() - t0 < 3
-        wait_idle(s.url)
+        assert err["code"] == "request_timeout" and time.monotonic() - t0 < 20     # generous, ≪ 40 s
+        wait_idle(s.url, timeout=30)
+        del s.engine.model.forward
+        slow_engine(s.engine, 0.01)                       # faster: the stream starts within the 0.5 s
         with httpx.stream("POST", s.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
             assert r.status_code == 200
             lines = [l for l in r.iter_lines() if l]
@@ -270,19 +289,23 @@ def test_non_stream_client_disconnect_frees_its_slot_at_once(ops):
     body = json.dumps({"model": "tiny-llama", "messages": MSG, "max_tokens": 200, "ignore_eos": True}).encode()
     host, port = ops.url.removeprefix("http://").split(":")
     before = ops.engine.health()
+    slow_engine(ops.engine, 0.2)        # 200 tokens now take ≥ 40 s: only an abort frees the row in time
     sock = socket.create_connection((host, int(port)))
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while ops.engine.health().running == 0:          # wait until it really runs
-        assert time.monotonic() < deadline
+        assert time.monotonic() < deadline, sock.recv(4096)
         time.sleep(0.005)
     sock.close()
     t0 = time.monotonic()
-    wait_idle(ops.url)
+    try:
+        wait_idle(ops.url, timeout=20)                  # generous for a loaded machine, far below 40 s
+    finally:
+        del ops.engine.model.forward
     freed = time.monotonic() - t0
-    assert freed < 1.0, freed
     assert ops.engine.health().ok and before.ok
+    print(f"freed {freed:.2f} s after the disconnect")
 
 
 # ---- faults ---------------------------------------------------------------------------------------
@@ -311,21 +334,30 @@ def test_engine_fault_fails_the_request_flips_health_and_recovers(ops, oc):
 
 
 def test_engine_fault_mid_stream_is_an_error_event(ops):
-    def boom(batch):
-        raise RuntimeError("fault while streaming")
+    """A fault DURING decoding (the real model's forward raises once the stream is answering): the stream
+    ends with an OpenAI error event naming the fault, then [DONE]; the server recovers."""
+    fast, armed = ops.engine.model.forward, threading.Event()
 
-    slow_engine(ops.engine, 0.005)
-    c, r, it = _open_stream(ops.url, max_tokens=150)    # running (primed) before the fault is armed
+    def faulty(*a, **k):
+        if armed.is_set():
+            raise RuntimeError("fault while decoding")
+        time.sleep(0.005)
+        return fast(*a, **k)
+
+    ops.engine.model.forward = faulty
+    c, r, it = _open_stream(ops.url, max_tokens=150)    # running (primed): the fault hits a decode step
     try:
-        ops.engine.fault_hook = boom
-        # the running batch is not affected; new batches fail, the stream itself completes
+        armed.set()
         lines = [l for l in it if l]
         assert lines[-1] == "data: [DONE]"
+        err = json.loads(lines[-2][6:])["error"]
+        assert err["code"] == "engine_unavailable" and "fault while decoding" in err["message"], err
+        assert err["type"] == "server_error" and err["request_id"] == r.headers["x-request-id"]
+        assert not any('"finish_reason"' in l for l in lines)    # it did not finish: it was cut by the fault
         c2 = httpx.post(ops.url + "/v1/chat/completions", headers=AUTH, timeout=60,
                         json={"model": "tiny-llama", "messages": MSG, "max_tokens": 3, "stream": True})
         error_of(c2, 503)                                # before the first token: still a plain HTTP error
     finally:
-        ops.engine.fault_hook = None
         del ops.engine.model.forward                    # back to the class's forward
         r.close()
         c.close()
@@ -386,8 +418,14 @@ def test_metrics_count_what_happened(ops, oc):
 
 def test_each_app_has_its_own_registry(ops, live):
     a, b = scrape(ops.url), scrape(live.url)
-    assert 'vllm:num_requests_running{model_name="tiny-llama"}' in a and a is not b
+    assert 'vllm:num_requests_running{model_name="tiny-llama"}' in a
     assert ops.app.state.metrics.registry is not live.app.state.metrics.registry
+    # counts of one app do not move the other's
+    key = 't2_request_errors_total{code="404"}'
+    before_ops, before_live = a.get(key, 0), b.get(key, 0)
+    for _ in range(3):
+        httpx.get(live.url + "/v1/nothing")
+    assert scrape(live.url)[key] == before_live + 3 and scrape(ops.url).get(key, 0) == before_ops
 
 
 # ---- SIGTERM --------------------------------------------------------------------------------------
@@ -402,7 +440,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_model_dir, tiny_exp
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300          # a cold start on a loaded 2-core machine can take minutes
         while True:
             assert proc.poll() is None, proc.stdout.read().decode()
             try:

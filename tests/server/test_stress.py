@@ -39,7 +39,7 @@ def live_requests() -> int:
     return sum(isinstance(o, GenerateRequest) for o in gc.get_objects())
 
 
-async def wait_idle(http: httpx.AsyncClient, timeout: float = 15.0) -> tuple[dict, float]:
+async def wait_idle(http: httpx.AsyncClient, timeout: float = 60.0) -> tuple[dict, float]:
     t0 = time.monotonic()
     while True:
         h = (await http.get("/health")).json()
@@ -109,7 +109,7 @@ def test_disconnect_storm_returns_to_idle(storm_server):
           f"RSS {rss0:.0f} → {rss1:.0f} MB; live GenerateRequest objects {objs0} → {objs1}; health {h}")
     assert aborted_n >= STORM * 0.9
     assert h["status"] == "ok" and storm_server.engine.scheduler.waiting() == 0
-    assert idle_s < 2.0
+    assert idle_s < 20.0        # generous (a loaded machine); a broken abort runs 300 × 400 tokens
     assert objs1 <= objs0
     assert rss1 - rss0 < 150, (rss0, rss1)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 6
