@@ -4,8 +4,6 @@ weights); and the 400s for what we do not implement."""
 
 from __future__ import annotations
 
-import httpx
-import openai
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
