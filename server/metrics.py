@@ -23,6 +23,7 @@ Series (`model_name` label on every vllm: series, as vLLM does):
   t2_requests_total{strategy,label,adaptation}, t2_expert_requests_total{expert}   counters
   t2_request_errors_total{code}                                         counter (HTTP status of failures)
   t2_engine_healthy                                                     gauge (1 ok, 0 fault)
+  t2_adaptations_per_step, t2_factored_step_share                       gauges (engines that report them)
 """
 
 from __future__ import annotations
@@ -75,7 +76,17 @@ class _EngineCollector(Collector):
         swaps.add_metric([], float(h.get("swaps") or 0))
         healthy = GaugeMetricFamily("t2_engine_healthy", "1 when the engine is healthy, 0 after a fault.")
         healthy.add_metric([], 1.0 if h.get("status") == "ok" else 0.0)
-        return [running, waiting, swaps, healthy]
+        fams = [running, waiting, swaps, healthy]
+        # mixed batches (issue 10): only engines that know them report these keys
+        for key, name, doc in (("adaptations_per_step", "t2_adaptations_per_step",
+                                "Mean distinct adaptations per engine step (the base counts as one)."),
+                               ("factored_share", "t2_factored_step_share",
+                                "Share of engine steps run in the factored form (per-row gains).")):
+            if h.get(key) is not None:
+                g = GaugeMetricFamily(name, doc)
+                g.add_metric([], float(h[key]))
+                fams.append(g)
+        return fams
 
 
 class Metrics:

@@ -248,7 +248,8 @@ class Serving:
                           mix=d.adaptation.as_dict(), adaptation=d.adaptation.key,
                           first_pass_ms=round(d.first_pass_ms, 2),
                           patch_ms=round(max(r.stats.patch_ms for r in reqs), 3),
-                          queue_ms=round(max(r.stats.queue_ms for r in reqs), 2))
+                          queue_ms=round(max(r.stats.queue_ms for r in reqs), 2),
+                          path=reqs[0].stats.path if reqs else None)
 
     def _usage(self, prep: Prepared, d: Dispatched, reqs: Sequence[GenerateRequest]) -> P.Usage:
         completion = sum(r.stats.completion_tokens for r in reqs)

@@ -65,7 +65,7 @@ def make_engine(config: ServerConfig) -> Engine:
                                   patch_cache_mb=config.patch_cache_mb)
     if config.engine == "vllm":
         from server.engines.vllm import VLLMEngine  # the only path that imports vllm
-        return VLLMEngine(model_dir, **kwargs)
+        return VLLMEngine(model_dir, max_loras=config.max_loras, **kwargs)
     from server.engines.hf import HFEngine
     return HFEngine(model_dir, **kwargs)
 

@@ -45,6 +45,9 @@ class T2Report(BaseModel):
     first_pass_ms: float = Field(description="Wall time of the dispatch pass, queueing included.")
     patch_ms: float = Field(description="Time of the weight swap the second pass needed (0 if none).")
     queue_ms: float = Field(description="Time the second pass waited for its batch and weights.")
+    path: Optional[Literal["dense", "factored"]] = Field(
+        None, description="How the adapted layers computed the second pass: dense (patched or base weights) "
+        "or factored (per-row gains, in a batch that may mix adaptations).")
 
 
 class T2Usage(BaseModel):

