@@ -97,6 +97,7 @@ class VLLMEngine(Engine):
         self.llm: AsyncLLM | None = None
         self.worker_info: dict[str, Any] = {}
         self.step_stats: dict[str, Any] = {}
+        self._raw_steps: dict[str, int] | None = None
         self._fault: str | None = None
         self._carrier_locks: dict[str, asyncio.Lock] = {}
         self._rids: dict[str, set[str]] = {}            # adaptation key → vLLM request ids inside
@@ -185,10 +186,21 @@ class VLLMEngine(Engine):
                 "factored_share": self.step_stats.get("factored_share"), "fault": self._fault}
 
     async def refresh_step_stats(self) -> dict[str, Any]:
-        """The factored layers' step counters of rank 0 (an RPC into the engine core, between two steps)."""
-        if self.llm is not None:
-            self.step_stats = (await self.llm.collective_rpc("t2_stats"))[0]
-        return self.step_stats
+        """The factored layers' step counters of rank 0 (an RPC into the engine core, between two steps);
+        `adaptations_per_step` and `factored_share` are over the steps since the previous refresh (kept
+        when there were none)."""
+        if self.llm is None:
+            return self.step_stats
+        now = (await self.llm.collective_rpc("t2_stats"))[0]
+        prev, st = self._raw_steps or dict.fromkeys(now, 0), dict(self.step_stats)
+        d = {k: now[k] - prev.get(k, 0) for k in now}
+        if d["steps"] > 0:
+            st["factored_share"] = round(d["factored_steps"] / d["steps"], 4)
+        if d["counted"] > 0:
+            st["adaptations_per_step"] = round(d["distinct_sum"] / d["counted"], 3)
+        st.update(steps=now["steps"], factored_steps=now["factored_steps"])
+        self._raw_steps, self.step_stats = now, st
+        return st
 
     async def _poll_step_stats(self, every_s: float = 2.0) -> None:
         """Keeps `step_stats` (read by health() and /metrics) at most `every_s` old."""

@@ -63,9 +63,8 @@ class StepStats:
     counted: int = 0
 
     def as_dict(self) -> dict:
-        return {"steps": self.steps, "factored_steps": self.factored,
-                "adaptations_per_step": round(self.distinct_sum / self.counted, 3) if self.counted else None,
-                "factored_share": round(self.factored / self.steps, 4) if self.steps else None}
+        return {"steps": self.steps, "factored_steps": self.factored, "distinct_sum": self.distinct_sum,
+                "counted": self.counted}
 
 
 STEPS = StepStats()
