@@ -22,7 +22,7 @@ model, out = Path(sys.argv[1]), Path(sys.argv[2])
 ranks, fp = model_ranks(model), model_fingerprint(model)
 for count in (3, 15):
     for i in range(count):
-        random_expert(f"r{i:02d}", ranks, 0.3, i, label="other", base_model=model.name,
+        random_expert(f"r{i:02d}", ranks, 0.3, i, label=("math", "code", "reasoning", "other")[i % 4], base_model=model.name,
                       base_fingerprint=fp).save(out / f"e{count}" / f"r{i:02d}.safetensors")
 PY
 field() { grep "^$2:" "$1" | sed -E "s/.* ([0-9.]+) tok\/s, TTFT p50 ([0-9]+) ms.*/\\$3/"; }
@@ -38,7 +38,7 @@ report() {  # tag label
   $PY -c "o,m,a,t1,tm=$one,$mixed,${auto:-0},$t1,$tm; print(f'$2: one {o:.1f} tok/s, mixed {m:.1f} ({m/o:.2f}, target >= 0.80), TTFT p50 {t1:.0f} -> {tm:.0f} ms ({tm/max(t1,1):.2f}x, target <= 1.5), auto {a:.1f} ({a/o:.2f}, target >= 0.60)')"
 }
 if [ -n "$MAIN" ]; then run main8 8 "$W/e3" "$MAIN"; fi
-for c in 8 32; do for k in 3 15; do run "c${c}k$k" $c "$W/e$k"; done; done
+for ck in "8 3" "32 15" "8 15" "32 3"; do set -- $ck; run "c${1}k$2" "$1" "$W/e$2"; done
 echo "vLLM engine, SmolLM2-135M fp32, $N requests x 64 tokens, vllm bench serve (one = the base id; mixed = random over base + experts)"
 [ -n "$MAIN" ] && report main8 "today's engine ($MAIN), 8 clients, 4 adaptations"
 for c in 8 32; do for k in 3 15; do report "c${c}k$k" "$c clients, $((k + 1)) adaptations"; done; done
