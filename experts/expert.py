@@ -28,7 +28,7 @@ from experts.svd import MLP_TARGETS, target_names
 
 FORMAT = "t2-expert"
 FORMAT_VERSION = "1"
-RESERVED_NAME = "base"  # = experts.mix.BASE_NAME / experts.patch.BASE_KEY
+BASE_NAME = "base"  # the key of the base weights (experts.mix re-exports it); no expert may be named so
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
@@ -67,8 +67,8 @@ class Expert:
             raise ExpertFormatError(path, "expert files must be .safetensors")
         if not NAME_RE.match(path.stem):
             raise ExpertFormatError(path, "the file name (the expert's name) must be 1-64 letters, digits, '_', '-', '.'")
-        if path.stem == RESERVED_NAME:
-            raise ExpertFormatError(path, f"{RESERVED_NAME!r} is reserved for the base weights; rename the file")
+        if path.stem == BASE_NAME:
+            raise ExpertFormatError(path, f"{BASE_NAME!r} is reserved for the base weights; rename the file")
         try:
             with safe_open(str(path), framework="pt") as fh:
                 meta = fh.metadata() or {}

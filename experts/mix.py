@@ -19,10 +19,9 @@ from typing import Mapping
 import torch
 
 from experts.errors import ExpertNotFound
-from experts.expert import Expert
+from experts.expert import BASE_NAME, Expert  # BASE_NAME: defined beside the expert names it excludes
 
 _DIGITS = 6
-BASE_NAME = "base"   # the key of the base weights; no expert may be named so
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ Contract:
 
 from __future__ import annotations
 
+import enum
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -59,10 +60,22 @@ class SVFMatrix:
         self.param.copy_(self.base)
 
 
+class PatchMode(str, enum.Enum):
+    """How a swap made the weights (a str: it compares equal to, and serialises as, its value)."""
+
+    NOOP = "noop"            # the weights already were those of the adaptation
+    RESTORE = "restore"      # back to the base weights
+    CACHED = "cached"        # a copy of a cached W'
+    COMPOSED = "composed"    # W' composed from the factors (then cached)
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(frozen=True)
 class PatchReport:
     key: str
-    how: str        # "noop" | "restore" | "cached" | "composed"
+    how: PatchMode
     ms: float
 
 
@@ -91,18 +104,18 @@ class ModelPatcher:
     def apply(self, key: str, z_of: Callable[[], Mapping[str, torch.Tensor]] | None = None) -> PatchReport:
         """Make the live weights those of adaptation `key`; `z_of()` gives its z' when it must be composed."""
         if key == self.current:
-            return PatchReport(key, "noop", 0.0)
+            return PatchReport(key, PatchMode.NOOP, 0.0)
         t0 = time.perf_counter()
         if key == BASE_KEY:
-            how = "restore"
+            how = PatchMode.RESTORE
             for m in self.matrices.values():
                 m.restore()
         elif key in self._cache:
-            how = "cached"
+            how = PatchMode.CACHED
             self._cache.move_to_end(key)
             self._write(self._cache[key])
         else:
-            how = "composed"
+            how = PatchMode.COMPOSED
             assert z_of is not None, f"adaptation {key!r} is not cached and no z' was given"
             z = z_of()
             patched = {n: self.matrices[n].compose(zn) for n, zn in z.items()}

@@ -1,8 +1,10 @@
 """The `t2` command line: serve, decompose, import-expert, experts (list / inspect / create), chat, bench.
 
 Contract: `t2 serve`'s flags are generated from the fields of ServerConfig (server/config.py), each with its
-environment variable T2_<FIELD>; decompose / import-expert / experts work on files only (no server needed);
-chat and bench talk to a running server (clients/). All print errors as one line, with exit code 1.
+environment variable T2_<FIELD>; before it binds the port it checks the model folder, every expert file and
+the engine's settings (server/engines/factory.py check_startup). decompose / import-expert / experts work on
+files only (no server needed); chat and bench talk to a running server (clients/). All print errors as one
+line, with exit code 1.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def _cli_type(annotation: object) -> object:
         return Optional[_cli_type(args[0])]
     if origin is typing.Literal or (inspect.isclass(annotation) and issubclass(annotation, enum.Enum)):
         return str
+    if origin is dict:       # a JSON object on the command line (ServerConfig parses it)
+        return Optional[str]
     return annotation
 
 
@@ -43,13 +47,14 @@ def _config_command(fn):
     """Give `fn(**fields)` one typer option per ServerConfig field, with its env var and help."""
     params = []
     for name, field in ServerConfig.model_fields.items():
-        default = field.default.value if isinstance(field.default, enum.Enum) else field.default
+        default = field.get_default(call_default_factory=True)
+        default = default.value if isinstance(default, enum.Enum) else (None if default == {} else default)
         choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else ()
         if inspect.isclass(field.annotation) and issubclass(field.annotation, enum.Enum):
             choices = tuple(m.value for m in field.annotation)
         help_ = (field.description or "") + (f" [{'|'.join(map(str, choices))}]" if choices else "")
         flag = "--" + name.replace("_", "-")
-        if field.annotation is bool:
+        if field.annotation in (bool, Optional[bool]):
             flag = f"{flag}/--no-{name.replace('_', '-')}"
         opt = typer.Option(default, flag, envvar=ENV_PREFIX + name.upper(), help=help_, show_envvar=True)
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt,
@@ -59,8 +64,17 @@ def _config_command(fn):
 
 
 def _fail(e: Exception) -> typing.NoReturn:
-    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+    typer.secho(f"error: {_one_line(e)}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1)
+
+
+def _one_line(e: Exception) -> str:
+    """An error as one line (a pydantic ValidationError lists every bad field, each as `field: message`)."""
+    from pydantic import ValidationError
+    if isinstance(e, ValidationError):
+        return "; ".join(("--" + "-".join(map(str, err["loc"])).replace("_", "-") + ": " if err["loc"] else "")
+                         + err["msg"].removeprefix("Value error, ") for err in e.errors())
+    return " ".join(str(e).split())
 
 
 @app.command()
@@ -70,18 +84,25 @@ def serve(**fields) -> None:
     import uvicorn
     from pydantic import ValidationError
 
+    from server.engines.factory import EngineConfig, StartupError, check_startup, make_engine
+    # 1. the config (every value checked once)
     try:
-        config = ServerConfig(**{k: v for k, v in fields.items()})
+        config = ServerConfig(**fields)
     except ValidationError as e:
         _fail(e)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from server.api.app import create_app
+    # 2. before any port is bound: the model folder, the experts (each file against the base), the engine's
+    #    settings (vLLM's engine arguments included); each failure is one line naming the file, exit 1
     try:
-        application = create_app(config)
-    except (ExpertError, OSError, RuntimeError) as e:
+        engine_config = EngineConfig.from_server_config(config)
+        check_startup(engine_config)
+        engine = make_engine(engine_config)
+    except (StartupError, ExpertError, ImportError, OSError) as e:
         _fail(e)
-    # SIGTERM / Ctrl-C: stop accepting, let in-flight requests finish (up to graceful_timeout_s), then exit
-    # (SIGTERM: exit 0 after the drain, as orchestrators expect; uvicorn alone re-raises the signal)
+    from server.api.app import create_app
+    application = create_app(config, engine)
+    # 3. serve. SIGTERM / Ctrl-C: stop accepting, let in-flight requests finish (up to graceful_timeout_s),
+    #    then exit (SIGTERM: exit 0 after the drain, as orchestrators expect; uvicorn alone re-raises it)
     server = _DrainingServer(uvicorn.Config(application, host=config.host, port=config.port,
                                             log_level=config.log_level,
                                             timeout_graceful_shutdown=config.graceful_timeout_s))

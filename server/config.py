@@ -2,15 +2,20 @@
 
 Contract: every field of `ServerConfig` is one `t2 serve` flag (`--field-name`) and one environment
 variable (`T2_FIELD_NAME`); the CLI is generated from these fields (server/cli.py), so the three can't
-drift apart. Precedence: flag > environment > default. Values are validated here, once.
+drift apart. Precedence: flag > environment > default. Values are validated here, once (the vLLM
+pass-through `vllm_engine_args` here as a JSON object; its names and types against vLLM's AsyncEngineArgs
+when the vLLM engine is built, before the port is bound). The vLLM-only settings are refused with
+`--engine hf`, so a flag is never silently ignored. `EngineConfig.from_server_config` (server/engines/
+factory.py) turns this into what an engine is built from.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from experts.dispatch import Strategy
 
@@ -71,7 +76,50 @@ class ServerConfig(BaseModel):
         600.0, gt=0, description="Longest a request may take (first pass + answer); beyond, it is aborted (504).")
     graceful_timeout_s: float = Field(
         60.0, ge=0, description="On SIGTERM, how long in-flight requests may finish before the exit.")
+    # ---- vLLM engine (--engine vllm only; vLLM's own flag names) ----
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs (ranks) each layer is split over.")
+    pipeline_parallel_size: int = Field(1, ge=1, description="vLLM: pipeline stages the layers are split into.")
+    distributed_executor_backend: Literal["auto", "mp", "ray", "uni"] = Field(
+        "auto", description="vLLM: how ranks run: mp (processes on this node), ray (a Ray cluster, across "
+        "nodes), uni (in process; one rank); auto = uni for one rank, else vLLM's choice.")
+    max_model_len: Optional[int] = Field(
+        None, ge=16, description="vLLM: prompt + answer tokens per sequence. Default: the model's.")
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0, le=1, description="vLLM: share of each GPU's memory for weights and KV cache.")
+    enforce_eager: Optional[bool] = Field(
+        None, description="vLLM: no CUDA graphs (eager mode). Default: eager on a CPU, graphs on a GPU.")
+    vllm_engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="vLLM: further AsyncEngineArgs as a JSON object, e.g. "
+        "'{\"max_num_batched_tokens\": 4096}'; names and types are checked against vLLM's.")
+
+    @field_validator("vllm_engine_args", mode="before")
+    @classmethod
+    def _json_object(cls, v: Any) -> Any:
+        if v is None:                   # the flag's default
+            return {}
+        if isinstance(v, str):          # from the flag or T2_VLLM_ENGINE_ARGS
+            try:
+                v = json.loads(v) if v.strip() else {}
+            except json.JSONDecodeError as e:
+                raise ValueError(f"must be a JSON object of AsyncEngineArgs ({e})") from None
+            if not isinstance(v, dict):
+                raise ValueError("must be a JSON object of AsyncEngineArgs, e.g. '{\"block_size\": 16}'")
+        return v
+
+    @model_validator(mode="after")
+    def _vllm_only(self) -> "ServerConfig":
+        if self.engine != "vllm":
+            changed = sorted(n for n in VLLM_FIELDS if getattr(self, n) != type(self).model_fields[n].get_default(
+                call_default_factory=True))
+            if changed:
+                flags = ", ".join("--" + n.replace("_", "-") for n in changed)
+                raise ValueError(f"{flags}: only for --engine vllm")
+        return self
 
     def resolved_cache_dir(self) -> Path:
         from server.default_model import default_cache_dir
         return self.cache_dir or default_cache_dir()
+
+
+VLLM_FIELDS = ("tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend", "max_model_len",
+               "gpu_memory_utilization", "enforce_eager", "vllm_engine_args")

@@ -32,10 +32,6 @@ class Overloaded(ServerError):
     status, type, code = 429, "rate_limit_error", "overloaded"   # sent with a Retry-After header
 
 
-class Unauthorized(ServerError):
-    status, type, code = 401, "invalid_request_error", "invalid_api_key"
-
-
 class Conflict(ServerError):
     status, type, code = 409, "invalid_request_error", "conflict"
 

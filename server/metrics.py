@@ -4,8 +4,8 @@ Contract:
 - `Metrics(engine, model_name)` owns its own `CollectorRegistry` (app-scoped: several apps in one process,
   as in the tests, never share or collide); `render()` gives the text exposition for `GET /metrics`.
 - Gauges of the engine's state (`vllm:num_requests_running`, `vllm:num_requests_waiting`, `t2_swaps_total`,
-  `t2_engine_healthy`) are read from `engine.health()` at scrape time (keys `running`, `waiting`, `swaps`,
-  `status`), so they can never drift from the engine.
+  `t2_engine_healthy`) are read from `engine.health()` (an EngineHealth: `running`, `waiting`, `swaps`, `ok`)
+  at scrape time, so they can never drift from the engine.
 - Serving calls `request_done(...)` once per finished request (success, abort or error) and
   `first_token(...)` once per request at its first generated token; nothing else writes the series.
 - Label values are bounded: an adaptation label is `base`, a single expert's name, or `mix` (client-chosen
@@ -28,13 +28,14 @@ Series (`model_name` label on every vllm: series, as vLLM does):
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from experts.mix import BASE_NAME
+from server.engines.base import Engine, EngineHealth
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -58,41 +59,41 @@ def adaptation_label(mix: dict[str, float]) -> str:
 class _EngineCollector(Collector):
     """Scrape-time view of the engine's own counters (never stored twice)."""
 
-    def __init__(self, engine: Any, model_name: str):
+    def __init__(self, engine: Engine, model_name: str):
         self.engine, self.model_name = engine, model_name
 
     def collect(self) -> Iterable:
         try:
             h = self.engine.health()
         except Exception:  # noqa: BLE001 - a scrape must never fail because the engine is down
-            h = {"status": "error"}
+            h = EngineHealth(ok=False, engine="unknown")
         running = GaugeMetricFamily("vllm:num_requests_running", "Sequences in the batch the engine runs now.",
                                     labels=["model_name"])
-        running.add_metric([self.model_name], float(h.get("running") or 0))
+        running.add_metric([self.model_name], float(h.running))
         waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Sequences waiting for a batch.",
                                     labels=["model_name"])
-        waiting.add_metric([self.model_name], float(h.get("waiting") or 0))
+        waiting.add_metric([self.model_name], float(h.waiting))
         swaps = CounterMetricFamily("t2_swaps", "Weight swaps (patches) the engine made.")
-        swaps.add_metric([], float(h.get("swaps") or 0))
+        swaps.add_metric([], float(h.swaps))
         healthy = GaugeMetricFamily("t2_engine_healthy", "1 when the engine is healthy, 0 after a fault.")
-        healthy.add_metric([], 1.0 if h.get("status") == "ok" else 0.0)
+        healthy.add_metric([], 1.0 if h.ok else 0.0)
         fams = [running, waiting, swaps, healthy]
         # mixed batches (issue 10): only engines that know them report these keys
         for key, name, doc in (("adaptations_per_step", "t2_adaptations_per_step",
                                 "Mean distinct adaptations per engine step (the base counts as one)."),
                                ("factored_share", "t2_factored_step_share",
                                 "Share of engine steps run in the factored form (per-row gains).")):
-            if h.get(key) is not None:
+            if h.details.get(key) is not None:
                 g = GaugeMetricFamily(name, doc)
-                g.add_metric([], float(h[key]))
+                g.add_metric([], float(h.details[key]))
                 fams.append(g)
         return fams
 
 
 class Metrics:
-    def __init__(self, engine: Any, model_name: str | None = None):
+    def __init__(self, engine: Engine, model_name: str | None = None):
         self.registry = CollectorRegistry(auto_describe=True)
-        self._model = model_name or getattr(engine, "model_name", "model")
+        self._model = model_name or engine.model_name
         r, m = self.registry, ["model_name"]
         self.registry.register(_EngineCollector(engine, self._model))
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed (answer pass).", m, registry=r)

@@ -18,7 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from experts.expert import random_expert  # noqa: E402
 from experts.svd import model_fingerprint, model_ranks  # noqa: E402
-from server.api.live import LiveServer  # noqa: E402
+from tests.live import LiveServer  # noqa: E402
 from tests.tiny_model import build_tiny_llama  # noqa: E402
 
 TEST_EXPERTS = {"math": ("math", 1), "code": ("code", 2), "reasoning": ("reasoning", 3), "clf": ("classifier", 4)}

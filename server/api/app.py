@@ -1,8 +1,11 @@
 """The FastAPI application: thin routes, the engine's lifecycle, and the one place errors become OpenAI errors.
 
 Contract:
-- `create_app(config, engine=None)` builds the app; the engine starts in the lifespan (off the event loop)
-  and stops with it. Routes only parse, call `Serving`, and wrap the result (JSON or SSE).
+- `create_app(config, engine=None)` builds the app around one engine (server/engines/factory.py builds it
+  from the config when none is given); the engine starts in the lifespan (off the event loop) and stops
+  with it. The app's objects live on `app.state` (config, engine, serving, metrics, in_flight); routes and
+  error handlers are module-level functions that read them there (as vLLM's api_server does). Routes only
+  parse, call `Serving` (server/api/serving.py), and wrap the result (JSON or SSE).
 - Every error leaves as `{"error": {"message", "type", "param", "code"}}`: validation errors and bad JSON
   as 400 naming the field, our ServerErrors with their status, unknown routes 404, and anything unexpected
   as a 500 from the backstop handler (logged with its stack trace, never sent to the client).
@@ -10,7 +13,7 @@ Contract:
   key is set; `/admin` exists only when an admin key is set and needs that key (both compared in constant
   time; a miss is an OpenAI-shaped 401); bodies over `max_body_bytes` are a 413. CORS wraps everything when
   origins are configured. `/health` and `/metrics` are open (probes and scrapers).
-- Generation routes admit at most `max_concurrent_requests` at once (beyond: 429 + Retry-After, as for a
+- Generation routes let at most `max_concurrent_requests` in at once (`InFlightLimit`) (beyond: 429 + Retry-After, as for a
   full scheduler queue), abort a request whose client disconnects (stream or not: its engine rows are
   freed at once), and abort one that runs past `request_timeout_s` (504, or an error event in a stream).
 - Admin API: GET/POST /admin/experts, DELETE /admin/experts/{name}; POST loads `<name>.safetensors` from
@@ -22,12 +25,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import time
+
 from contextlib import aclosing, asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -35,39 +38,17 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from experts.errors import ExpertError, ExpertNotFound
-from experts.expert import NAME_RE, RESERVED_NAME
+from experts.expert import NAME_RE
+from experts.mix import BASE_NAME
 from server.api import protocol as P
+from server.api.serving import Serving
 from server.config import ServerConfig
 from server.engines.base import Engine
-from server.errors import InvalidRequest, ModelNotFound, Overloaded, RequestTimeout, ServerError, Unauthorized
+from server.engines.factory import EngineConfig, make_engine
+from server.errors import InvalidRequest, ModelNotFound, Overloaded, RequestTimeout, ServerError
 from server.metrics import CONTENT_TYPE, Metrics
-from server.serving import Serving
 
 log = logging.getLogger("t2.api")
-
-
-def make_engine(config: ServerConfig) -> Engine:
-    """The engine the config asks for, on the config's model (the embedded default when none is given)."""
-    from server.default_model import DEFAULT_MODEL_NAME, default_experts_dir, ensure_default_model
-    from experts.svd import ATTENTION_TARGETS, MLP_TARGETS
-
-    cache = config.resolved_cache_dir()
-    if config.model is None:
-        model_dir, experts_dir = ensure_default_model(cache), config.experts or default_experts_dir()
-        name = config.served_model_name or DEFAULT_MODEL_NAME
-    else:
-        model_dir, experts_dir = Path(config.model), config.experts
-        name = config.served_model_name or model_dir.name
-    targets = MLP_TARGETS + (ATTENTION_TARGETS if config.attention else ())
-    kwargs: dict[str, Any] = dict(name=name, experts_dir=experts_dir, device=config.device, dtype=config.dtype,
-                                  targets=targets, cache_dir=cache, max_batch=config.max_batch,
-                                  max_wait_ms=config.max_wait_ms, max_queue=config.max_queue,
-                                  patch_cache_mb=config.patch_cache_mb)
-    if config.engine == "vllm":
-        from server.engines.vllm import VLLMEngine  # the only path that imports vllm
-        return VLLMEngine(model_dir, max_loras=config.max_loras, **kwargs)
-    from server.engines.hf import HFEngine
-    return HFEngine(model_dir, **kwargs)
 
 
 def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
@@ -185,27 +166,28 @@ async def _unless_disconnected(receive, work: Awaitable[Any]) -> Any:
                     await t
 
 
-class Admission:
+class InFlightLimit:
     """At most `limit` generation requests in flight; the count is exact even for aborted streams."""
 
-    def __init__(self, limit: int, retry_after: int):
-        self.limit, self.retry_after, self.in_flight = limit, retry_after, 0
+    def __init__(self, limit: int):
+        self.limit, self.count = limit, 0
 
     def enter(self) -> Callable[[], None]:
-        if self.in_flight >= self.limit:
+        """Take a slot (Overloaded: a 429 when none is free); returns the function that gives it back once."""
+        if self.count >= self.limit:
             raise Overloaded(f"too many requests in flight ({self.limit}); retry later")
-        self.in_flight += 1
+        self.count += 1
         done = False
 
         def leave() -> None:
             nonlocal done
             if not done:
-                done, self.in_flight = True, self.in_flight - 1
+                done, self.count = True, self.count - 1
         return leave
 
 
 async def _bounded(body: AsyncIterator[str], deadline: float, leave: Callable[[], None]) -> AsyncIterator[str]:
-    """A stream that ends with an error event at the deadline, and gives its admission slot back at its end."""
+    """A stream that ends with an error event at the deadline, and gives its in-flight slot back at its end."""
     try:
         async with aclosing(body):
             while True:
@@ -247,7 +229,7 @@ def _expert_file(root: Path | None, name: str) -> Path:
     """`<root>/<name>.safetensors`, refusing anything that is not a plain name inside root."""
     if root is None:
         raise InvalidRequest("no admin experts folder is configured (--admin-experts-dir)", "name")
-    if not NAME_RE.match(name) or name == RESERVED_NAME or ".." in name:
+    if not NAME_RE.match(name) or name == BASE_NAME or ".." in name:
         raise InvalidRequest("name must be an expert name (1-64 letters, digits, '_', '-', '.'), not a path",
                              "name")
     base = Path(root).resolve()
@@ -260,135 +242,167 @@ def _expert_file(root: Path | None, name: str) -> Path:
 
 
 _ERRORS = {s: {"model": P.ErrorResponse} for s in (400, 401, 404, 413, 429, 503, 504)}
+_STREAM_DOC = {"description": "JSON, or with stream=true a text/event-stream of chunks ending in [DONE]",
+               "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+
+router = APIRouter()                                        # /v1, /health, /metrics
+admin_router = APIRouter(prefix="/admin", tags=["admin"])   # the Guard answers 404 here without an admin key
 
 
 def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
-    engine = engine or make_engine(config)
-    metrics = Metrics(engine)
-    serving = Serving(engine, config, metrics)
-    admission = Admission(config.max_concurrent_requests, config.retry_after_s)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        await engine.start()
-        try:
-            yield
-        finally:
-            await engine.stop()
-
-    app = FastAPI(title="Transformer² server", version="0.1.0", lifespan=lifespan)
-    app.state.engine, app.state.serving, app.state.metrics = engine, serving, metrics
-    app.state.admission = admission
-    app.add_middleware(Guard, config=config, metrics=metrics)
+    """1. the engine (from the config unless given, not started); 2. the app's objects on `app.state`;
+    3. middleware; 4. error handlers and routes; 5. the OpenAPI security schemes."""
+    # 1. engine
+    engine = engine or make_engine(EngineConfig.from_server_config(config))
+    app = FastAPI(title="Transformer² server", version="0.1.0", lifespan=_lifespan)
+    # 2. state: what the handlers below read from `request.app.state`
+    st = app.state
+    st.config, st.engine, st.metrics = config, engine, Metrics(engine)
+    st.serving = Serving(engine, config, st.metrics)
+    st.in_flight = InFlightLimit(config.max_concurrent_requests)
+    st.admin_experts_dir = config.admin_experts_dir or engine.experts_dir
+    # 3. middleware
+    app.add_middleware(Guard, config=config, metrics=st.metrics)
     if config.cors_origins.strip():         # added last = outermost: preflights never meet the guard
         origins = [o.strip() for o in config.cors_origins.split(",") if o.strip()]
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"],
                            expose_headers=["Retry-After"])
-
-    # ---- errors: one place ----
-    @app.exception_handler(RequestValidationError)
-    async def on_validation(_: Request, exc: RequestValidationError):
-        msg, param = _validation_message(exc)
-        return _error(400, msg, "invalid_request_error", param, "invalid_value")
-
-    @app.exception_handler(ServerError)
-    async def on_server_error(_: Request, exc: ServerError):
-        headers = {"Retry-After": str(config.retry_after_s)} if exc.status == 429 else None
-        return _error(exc.status, exc.message, exc.type, exc.param, exc.code, headers)
-
-    @app.exception_handler(ExpertError)
-    async def on_expert_error(_: Request, exc: ExpertError):
-        status = 404 if isinstance(exc, ExpertNotFound) else 400
-        return _error(status, str(exc), "invalid_request_error", "model", "expert_error")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http(_: Request, exc: StarletteHTTPException):
-        return _error(exc.status_code, str(exc.detail), "invalid_request_error", None, None)
-
-    @app.exception_handler(Exception)
-    async def on_unexpected(_: Request, exc: Exception):
-        log.exception("unhandled error")
-        return _error(500, f"internal server error ({type(exc).__name__})", "server_error")
-
-    # ---- routes ----
-    async def generate(request: Request, work: Callable[[], Awaitable[Any]]):
-        """Admission, timeout and disconnect around one generation request; JSON or a bounded SSE stream."""
-        leave = admission.enter()
-        deadline = asyncio.get_running_loop().time() + config.request_timeout_s
-        try:
-            async with asyncio.timeout_at(deadline):
-                result = await _unless_disconnected(request.receive, work())
-        except TimeoutError:
-            leave()
-            raise RequestTimeout("the request ran past the server's request timeout "
-                                 f"({config.request_timeout_s:g} s)") from None
-        except BaseException:
-            leave()
-            raise
-        if isinstance(result, P.BaseModel):
-            leave()
-            return JSONResponse(result.model_dump(mode="json"))
-        return StreamingResponse(_bounded(result, deadline, leave), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    stream_doc = {"description": "JSON, or with stream=true a text/event-stream of chunks ending in [DONE]",
-                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}
-
-    @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse,
-              responses={200: stream_doc, **_ERRORS})
-    async def chat_completions(body: P.ChatCompletionRequest, request: Request):
-        return await generate(request, lambda: serving.chat(body))
-
-    @app.post("/v1/completions", response_model=P.CompletionResponse, responses={200: stream_doc, **_ERRORS})
-    async def completions(body: P.CompletionRequest, request: Request):
-        return await generate(request, lambda: serving.completions(body))
-
-    @app.get("/v1/models", response_model=P.ModelList)
-    async def models():
-        return serving.models()
-
-    @app.get("/v1/models/{model_id:path}", response_model=P.ModelCard,
-             responses={404: {"model": P.ErrorResponse}})
-    async def model(model_id: str):
-        for card in serving.models().data:
-            if card.id == model_id:
-                return card
-        return _error(404, f"The model {model_id!r} does not exist.", "invalid_request_error", "model",
-                      "model_not_found")
-
-    @app.get("/health")
-    async def health():
-        h = {**engine.health(), "in_flight": admission.in_flight}
-        return JSONResponse(h, status_code=200 if h.get("status") == "ok" else 503)
-
-    @app.get("/metrics", response_class=Response,
-             responses={200: {"content": {CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}}}})
-    async def metrics_route():
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
-
-    # ---- admin API (the Guard answers 404 for all of it unless an admin key is set) ----
-    admin_dir = config.admin_experts_dir or getattr(engine, "experts_dir", None) or config.experts
-
-    @app.get("/admin/experts", response_model=list[ExpertCard], responses=_ERRORS, tags=["admin"])
-    async def admin_list():
-        return [_card(e) for _, e in sorted(engine.experts.items())]
-
-    @app.post("/admin/experts", response_model=ExpertCard, status_code=201,
-              responses={**_ERRORS, 409: {"model": P.ErrorResponse}}, tags=["admin"])
-    async def admin_load(body: LoadExpert):
-        path = await asyncio.to_thread(_expert_file, admin_dir, body.name)
-        return _card(await engine.load_expert(path))
-
-    @app.delete("/admin/experts/{name}", responses=_ERRORS, tags=["admin"])
-    async def admin_unload(name: str):
-        if name not in engine.experts:
-            raise ModelNotFound(f"expert {name!r} is not loaded", "name")
-        await engine.unload_expert(name)
-        return {"deleted": name}
-
+    # 4. errors (one place) and routes
+    for exc_type, handler in _ERROR_HANDLERS.items():
+        app.add_exception_handler(exc_type, handler)
+    app.include_router(router)
+    app.include_router(admin_router)
+    # 5. OpenAPI
     app.openapi_schema = None
     _document_security(app, config)
     return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    await app.state.engine.start()          # off the event loop inside (the engine's contract)
+    try:
+        yield
+    finally:
+        await app.state.engine.stop()
+
+
+# ---- errors: one place ----
+async def on_validation(_: Request, exc: RequestValidationError):
+    msg, param = _validation_message(exc)
+    return _error(400, msg, "invalid_request_error", param, "invalid_value")
+
+
+async def on_server_error(request: Request, exc: ServerError):
+    headers = {"Retry-After": str(request.app.state.config.retry_after_s)} if exc.status == 429 else None
+    return _error(exc.status, exc.message, exc.type, exc.param, exc.code, headers)
+
+
+async def on_expert_error(_: Request, exc: ExpertError):
+    status = 404 if isinstance(exc, ExpertNotFound) else 400
+    return _error(status, str(exc), "invalid_request_error", "model", "expert_error")
+
+
+async def on_http(_: Request, exc: StarletteHTTPException):
+    return _error(exc.status_code, str(exc.detail), "invalid_request_error", None, None)
+
+
+async def on_unexpected(_: Request, exc: Exception):
+    log.exception("unhandled error")
+    return _error(500, f"internal server error ({type(exc).__name__})", "server_error")
+
+
+_ERROR_HANDLERS: dict[type[Exception], Callable] = {
+    RequestValidationError: on_validation, ServerError: on_server_error, ExpertError: on_expert_error,
+    StarletteHTTPException: on_http, Exception: on_unexpected}
+
+
+# ---- generation routes ----
+async def generate(request: Request, work: Callable[[], Awaitable[Any]]):
+    """In-flight limit, timeout and disconnect around one generation request; JSON or a bounded SSE stream."""
+    config: ServerConfig = request.app.state.config
+    leave = request.app.state.in_flight.enter()
+    deadline = asyncio.get_running_loop().time() + config.request_timeout_s
+    try:
+        async with asyncio.timeout_at(deadline):
+            result = await _unless_disconnected(request.receive, work())
+    except TimeoutError:
+        leave()
+        raise RequestTimeout("the request ran past the server's request timeout "
+                             f"({config.request_timeout_s:g} s)") from None
+    except BaseException:
+        leave()
+        raise
+    if isinstance(result, P.BaseModel):
+        leave()
+        return JSONResponse(result.model_dump(mode="json"))
+    return StreamingResponse(_bounded(result, deadline, leave), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _serving(request: Request) -> Serving:
+    return request.app.state.serving
+
+
+@router.post("/v1/chat/completions", response_model=P.ChatCompletionResponse,
+             responses={200: _STREAM_DOC, **_ERRORS})
+async def chat_completions(body: P.ChatCompletionRequest, request: Request):
+    return await generate(request, lambda: _serving(request).chat(body))
+
+
+@router.post("/v1/completions", response_model=P.CompletionResponse, responses={200: _STREAM_DOC, **_ERRORS})
+async def completions(body: P.CompletionRequest, request: Request):
+    return await generate(request, lambda: _serving(request).completions(body))
+
+
+# ---- catalogue and probes ----
+@router.get("/v1/models", response_model=P.ModelList)
+async def models(request: Request):
+    return _serving(request).models()
+
+
+@router.get("/v1/models/{model_id:path}", response_model=P.ModelCard, responses={404: {"model": P.ErrorResponse}})
+async def model(model_id: str, request: Request):
+    for card in _serving(request).models().data:
+        if card.id == model_id:
+            return card
+    return _error(404, f"The model {model_id!r} does not exist.", "invalid_request_error", "model",
+                  "model_not_found")
+
+
+@router.get("/health")
+async def health(request: Request):
+    h = request.app.state.engine.health()
+    return JSONResponse({**h.to_json(), "in_flight": request.app.state.in_flight.count},
+                        status_code=200 if h.ok else 503)
+
+
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}}}})
+async def metrics(request: Request):
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+# ---- admin API ----
+@admin_router.get("/experts", response_model=list[ExpertCard], responses=_ERRORS)
+async def admin_list(request: Request):
+    return [_card(e) for _, e in sorted(request.app.state.engine.experts.items())]
+
+
+@admin_router.post("/experts", response_model=ExpertCard, status_code=201,
+                   responses={**_ERRORS, 409: {"model": P.ErrorResponse}})
+async def admin_load(body: LoadExpert, request: Request):
+    path = await asyncio.to_thread(_expert_file, request.app.state.admin_experts_dir, body.name)
+    return _card(await request.app.state.engine.load_expert(path))
+
+
+@admin_router.delete("/experts/{name}", responses=_ERRORS)
+async def admin_unload(name: str, request: Request):
+    engine: Engine = request.app.state.engine
+    if name not in engine.experts:
+        raise ModelNotFound(f"expert {name!r} is not loaded", "name")
+    await engine.unload_expert(name)
+    return {"deleted": name}
 
 
 def _document_security(app: FastAPI, config: ServerConfig) -> None:

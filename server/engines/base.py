@@ -12,8 +12,10 @@ Contract:
 - `load_expert(path)` / `unload_expert(name)` change the loaded experts at runtime (the admin API). They are
   optional: the defaults raise EngineUnavailable("not supported by this engine"). An engine that supports
   them validates a file exactly as at startup, and makes the change between batches, never under one.
-- `health()` returns at least `status` ("ok" | "error"), and where the engine knows them `running` and
-  `waiting` (sequences), `swaps` and `fault`; /health and /metrics read them.
+- `health()` returns an `EngineHealth`: ok or not, sequences running and waiting, swaps, the fault, and
+  engine-specific `details`; /health serves `to_json()`, /metrics reads the fields.
+- `experts_dir` is the folder the engine loaded its experts from at start (None: none); the admin API
+  loads from it when no admin folder is configured.
 """
 
 from __future__ import annotations
@@ -21,9 +23,8 @@ from __future__ import annotations
 import abc
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
-
 from pathlib import Path
+from typing import Any, AsyncIterator, Mapping
 
 from experts.expert import Expert
 from experts.mix import Adaptation
@@ -52,7 +53,6 @@ class RequestStats:
     created: float = field(default_factory=time.perf_counter)
     started: float | None = None          # when its batch started (after the wait and the patch)
     patch_ms: float = 0.0                 # the swap its batch needed (0: the weights were already right)
-    patch_how: str = "noop"
     path: str | None = None               # how the adapted layers ran it: "dense" | "factored" (None: unknown)
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -94,8 +94,34 @@ class TokenChunk:
     finish_reason: str | None = None   # "stop" | "length" | "abort" on the last chunk
 
 
+@dataclass(frozen=True)
+class EngineHealth:
+    """What an engine says about itself now (GET /health, and the engine gauges of /metrics)."""
+
+    ok: bool                        # serving; False after a fault until the engine recovers
+    engine: str                     # "hf" | "vllm"
+    device: str | None = None
+    dtype: str | None = None
+    adaptation: str | None = None   # the key of the adaptation the weights hold now (None: unknown)
+    running: int = 0                # sequences in the engine's batch now
+    waiting: int = 0                # sequences waiting for a batch
+    swaps: int = 0                  # weight swaps since the start
+    fault: str | None = None        # the last fault, while it lasts
+    details: Mapping[str, Any] = field(default_factory=dict)   # engine-specific extras, JSON-serialisable
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.ok else "error"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"status": self.status, "engine": self.engine, "device": self.device, "dtype": self.dtype,
+                "adaptation": self.adaptation, "running": self.running, "waiting": self.waiting,
+                "swaps": self.swaps, "fault": self.fault, **self.details}
+
+
 class Engine(abc.ABC):
     model_name: str
+    experts_dir: Path | None       # where the startup experts came from (None: none)
     tokenizer: Any                 # a transformers tokenizer with a chat template
     experts: dict[str, Expert]     # name → expert, checked against this engine's base weights
     max_model_len: int             # prompt + answer tokens
@@ -117,7 +143,7 @@ class Engine(abc.ABC):
         """Patch the weights to `adaptation` now; returns the milliseconds it took."""
 
     @abc.abstractmethod
-    def health(self) -> dict[str, Any]: ...
+    def health(self) -> EngineHealth: ...
 
     async def load_expert(self, path: Path) -> Expert:
         """Load and check one expert file (as at startup) and make it servable; returns it."""

@@ -36,7 +36,7 @@ from experts.expert import Expert
 from experts.mix import Adaptation, experts_of_key, mix_z
 from experts.patch import ModelPatcher, SVFMatrix
 from experts.svd import load_factors
-from server.engines.base import (Engine, GenerateRequest, LabelScores, ScoreRequest, TokenChunk)
+from server.engines.base import Engine, EngineHealth, GenerateRequest, LabelScores, ScoreRequest, TokenChunk
 from server.engines.detok import Detokenizer
 from server.engines.common import check_servable, label_walk, load_experts, resolve_device, resolve_dtype, walk_sync
 from server.engines.sampling import new_generator, sample
@@ -122,13 +122,12 @@ class HFEngine(Engine):
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10)
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> EngineHealth:
         alive = self._thread is not None and self._thread.is_alive()
-        return {"status": "ok" if alive and not self._fault else "error", "engine": "hf",
-                "device": str(self.device), "dtype": str(self.dtype).split(".")[-1],
-                "adaptation": self.patcher.current if alive else None, "waiting": self.scheduler.waiting(),
-                "running": self._running,
-                "swaps": self.patcher.swaps if alive else 0, "fault": self._fault}
+        return EngineHealth(
+            ok=alive and not self._fault, engine="hf", device=str(self.device), dtype=str(self.dtype).split(".")[-1],
+            adaptation=self.patcher.current if alive else None, running=self._running,
+            waiting=self.scheduler.waiting(), swaps=self.patcher.swaps if alive else 0, fault=self._fault)
 
     # -- the async surface -------------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
@@ -255,7 +254,7 @@ class HFEngine(Engine):
     def _run_batch(self, batch: Batch) -> None:
         report = self._apply(batch.adaptation)
         assert self.patcher.current == batch.adaptation.key   # the invariant: weights == batch adaptation
-        self._start(batch.jobs, report.ms, report.how)
+        self._start(batch.jobs, report.ms)
         if batch.kind == SCORE:
             self._score(batch.jobs)
         else:
@@ -325,7 +324,7 @@ class HFEngine(Engine):
             # 3. between steps, under the same weights: waiting first passes, then newcomers
             score_jobs = self.scheduler.take_more(adaptation, SCORE, self.scheduler.max_batch)
             if score_jobs:
-                self._start(score_jobs, 0.0, "noop")
+                self._start(score_jobs, 0.0)
                 self._score(score_jobs)
             joiners = []
             if self._can_join(cache):
@@ -340,7 +339,7 @@ class HFEngine(Engine):
                 logits = self._forward(ids, mask, cache, positions)
             # 5. newcomers: prefill, then merge into the running batch
             if joiners:
-                self._start(joiners, 0.0, "noop")
+                self._start(joiners, 0.0)
                 new = [_Row(j, self.tokenizer, self.device) for j in joiners]
                 self.joined += len(new)
                 c2, l2, m2 = self._prefill_rows(new)
@@ -363,11 +362,10 @@ class HFEngine(Engine):
         return all(type(layer).__name__ == "DynamicLayer" and isinstance(getattr(layer, "keys", None), torch.Tensor)
                    for layer in getattr(cache, "layers", [None]))
 
-    def _start(self, jobs: list[Job], patch_ms: float, how: str) -> None:
+    def _start(self, jobs: list[Job], patch_ms: float) -> None:
         now = time.perf_counter()
         for job in jobs:
             job.payload.stats.started, job.payload.stats.patch_ms = now, patch_ms
-            job.payload.stats.patch_how = how
 
 
 class _Row:

@@ -17,6 +17,7 @@ The queue is bounded (`max_queue`): `submit` raises Overloaded when full. `wake`
 
 from __future__ import annotations
 
+import enum
 import threading
 import time
 from collections import deque
@@ -26,12 +27,20 @@ from typing import Any
 from experts.mix import BASE, Adaptation
 from server.errors import Overloaded
 
-SCORE, GENERATE = "score", "generate"
+class JobKind(str, enum.Enum):
+    SCORE = "score"          # the first pass (label scoring)
+    GENERATE = "generate"    # the answer
+
+    def __str__(self) -> str:
+        return self.value
+
+
+SCORE, GENERATE = JobKind.SCORE, JobKind.GENERATE
 
 
 @dataclass(eq=False)
 class Job:
-    kind: str                     # SCORE | GENERATE
+    kind: JobKind
     adaptation: Adaptation
     payload: Any                  # the engine's request object
     sink: Any = None              # how the engine delivers results
@@ -42,7 +51,7 @@ class Job:
 @dataclass
 class Batch:
     adaptation: Adaptation
-    kind: str
+    kind: JobKind
     jobs: list[Job]
 
 
@@ -50,7 +59,7 @@ class Scheduler:
     def __init__(self, max_batch: int = 8, max_wait_s: float = 0.5, max_queue: int = 1024):
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
         self._cv = threading.Condition()
-        self._queues: dict[Adaptation, dict[str, deque[Job]]] = {}
+        self._queues: dict[Adaptation, dict[JobKind, deque[Job]]] = {}
         self._closed = False
         self._woken = False
         self.current: Adaptation = BASE
@@ -68,10 +77,6 @@ class Scheduler:
 
     def waiting(self) -> int:
         return sum(len(q) for kinds in self._queues.values() for q in kinds.values())
-
-    def waiting_by_adaptation(self) -> dict[str, int]:
-        with self._cv:
-            return {a.key: sum(len(q) for q in kinds.values()) for a, kinds in self._queues.items()}
 
     def wake(self) -> None:
         """Make a blocked `next_batch` return None now (the worker has control work to do)."""
@@ -124,7 +129,7 @@ class Scheduler:
                 del self._queues[chosen]
             return Batch(chosen, kind, jobs)
 
-    def take_more(self, adaptation: Adaptation, kind: str, limit: int) -> list[Job]:
+    def take_more(self, adaptation: Adaptation, kind: JobKind, limit: int) -> list[Job]:
         """Jobs of the running batch's adaptation that may join it between two steps (continuous batching).
 
         Same weights, so the invariant holds; none while another adaptation has waited `max_wait_s` or more,

@@ -32,13 +32,14 @@ vllm_worker.py, does not). Contract:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Mapping
 
 import torch
 from transformers import AutoConfig, AutoTokenizer
@@ -58,12 +59,13 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from experts.expert import Expert
 from experts.mix import Adaptation, experts_of_key
 from experts.svd import MLP_TARGETS, checkpoint_names, ensure_factors, model_ranks, target_names
-from server.engines.base import (Engine, GenerateRequest, LabelScores, RequestStats, SamplingParams,
+from server.engines.base import (Engine, EngineHealth, GenerateRequest, LabelScores, RequestStats,
                                  ScoreRequest, TokenChunk)
 from server.engines.admission import InFlight
 from server.engines.vllm_carrier import PREFIX, Carriers, gains_of
 from server.engines.common import (check_servable, label_walk, load_experts, resolve_device, resolve_dtype,
                                    walk_async)
+from server.engines.factory import StartupError
 from server.errors import Conflict, EngineUnavailable, InvalidRequest, ModelNotFound
 
 log = logging.getLogger("t2.engine.vllm")
@@ -74,13 +76,60 @@ FUSED = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "d
          "q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "o_proj": "o_proj"}
 
 
+# AsyncEngineArgs that t2 sets itself or that have their own `t2 serve` flag: not in the pass-through
+OWN_ENGINE_ARGS = {"model": "--model", "tokenizer": "--model", "served_model_name": "--served-model-name",
+                   "dtype": "--dtype", "max_num_seqs": "--max-batch", "worker_extension_cls": None,
+                   "enable_prefix_caching": None, "seed": None, "disable_log_stats": None,
+                   "tensor_parallel_size": "--tensor-parallel-size", "pipeline_parallel_size":
+                   "--pipeline-parallel-size", "distributed_executor_backend": "--distributed-executor-backend",
+                   "max_model_len": "--max-model-len", "gpu_memory_utilization": "--gpu-memory-utilization",
+                   "enforce_eager": "--enforce-eager",
+                   # mixed batches (issue 10): t2's adaptations are vLLM LoRA adapters
+                   "enable_lora": None, "max_loras": "--max-loras", "max_cpu_loras": None, "max_lora_rank": None,
+                   "lora_dtype": None, "lora_target_modules": None}
+
+
+class InvalidEngineArgs(StartupError):
+    """A pass-through engine argument vLLM does not have, or of the wrong type (a startup error)."""
+
+
+def check_engine_args(extra: Mapping[str, Any]) -> dict[str, Any]:
+    """The pass-through checked against AsyncEngineArgs' own fields and types (pydantic, strict JSON rules)."""
+    import dataclasses
+
+    from pydantic import TypeAdapter, ValidationError
+    fields = {f.name: f for f in dataclasses.fields(AsyncEngineArgs)}
+    out: dict[str, Any] = {}
+    for name, value in extra.items():
+        if name in OWN_ENGINE_ARGS:
+            flag = OWN_ENGINE_ARGS[name]
+            raise InvalidEngineArgs(f"--vllm-engine-args: {name} is set by t2 itself"
+                                    + (f" (use {flag})" if flag else ""))
+        if name not in fields:
+            raise InvalidEngineArgs(f"--vllm-engine-args: vLLM's AsyncEngineArgs has no argument {name!r}")
+        try:
+            adapter = TypeAdapter(fields[name].type)
+        except Exception:  # noqa: BLE001 - a type pydantic cannot check (a class, a torch dtype)
+            raise InvalidEngineArgs(f"--vllm-engine-args: {name} cannot be given as JSON") from None
+        try:
+            adapter.validate_json(json.dumps(value), strict=True)
+        except ValidationError as e:
+            msg = e.errors()[0].get("msg", "invalid value")
+            raise InvalidEngineArgs(f"--vllm-engine-args: {name}={json.dumps(value)}: {msg} "
+                                    f"(vLLM's type: {fields[name].type})") from None
+        out[name] = value
+    return out
+
+
 class VLLMEngine(Engine):
     def __init__(self, model_dir: Path, *, name: str | None = None, experts_dir: Path | None = None,
                  device: str = "auto", dtype: str = "auto", targets: tuple[str, ...] | None = None,
                  cache_dir: Path = Path(".cache/t2"), max_batch: int = 8, max_wait_ms: float = 500,
                  max_queue: int = 1024, patch_cache_mb: int = 1024, tensor_parallel_size: int = 1,
+                 pipeline_parallel_size: int = 1, distributed_executor_backend: str | None = None,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.85,
-                 enforce_eager: bool | None = None, max_loras: int = 16, unload_timeout_s: float = 60.0):
+                 enforce_eager: bool | None = None, engine_args: Mapping[str, Any] | None = None,
+                 max_loras: int = 16, unload_timeout_s: float = 60.0):
         self.model_dir = Path(model_dir)
         self.model_name = name or self.model_dir.name
         self.experts_dir = experts_dir
@@ -88,8 +137,11 @@ class VLLMEngine(Engine):
         self.dtype = resolve_dtype(dtype, self.device)
         self.targets = tuple(targets or MLP_TARGETS)
         self.cache_dir = Path(cache_dir)
-        self.max_batch, self.tp, self.max_loras = max_batch, tensor_parallel_size, max_loras
+        self.max_batch, self.tp, self.pp = max_batch, tensor_parallel_size, pipeline_parallel_size
+        self.max_loras = max_loras
+        self._executor = distributed_executor_backend
         self._max_model_len, self._gpu_mem, self._eager = max_model_len, gpu_memory_utilization, enforce_eager
+        self._extra_args = check_engine_args(engine_args or {})   # a bad one fails here, before the start
         self.inflight = InFlight(max_batch + max_queue)   # max_wait_ms, patch_cache_mb: nothing to swap any more
         self.unload_timeout_s = unload_timeout_s
         self.experts: dict[str, Expert] = {}
@@ -143,29 +195,37 @@ class VLLMEngine(Engine):
 
     def _modules(self) -> list[str]:
         """vLLM's (fused) module names of the targets, e.g. gate_up_proj, down_proj."""
-        leaves = {n.rsplit(".", 2)[-2] for n in self._names}
+        leaves = {t.rsplit(".", 1)[-1] for t in self.targets}        # "mlp.gate_proj" → gate_proj
         return sorted({FUSED.get(leaf, leaf) for leaf in leaves})
 
     def _expected_layers(self) -> int:
         return len({f"{n.rsplit('.', 2)[0]}.{FUSED.get(n.rsplit('.', 2)[-2])}" for n in self._names})
 
     def _engine_args(self) -> AsyncEngineArgs:
+        """vLLM's arguments: ours, the parallelism/memory flags, then the checked pass-through (no model work)."""
         cpu = not torch.cuda.is_available()
         if cpu:   # vLLM's CPU backend sizes its KV cache from this (GiB); without it, it takes most of a node
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        # ---- mixed batches (issue 10, route A): factored layers through vLLM's LoRA machinery --------------
-        lora = dict(enable_lora=True, max_loras=self.max_loras, max_cpu_loras=4 * self.max_loras,
-                    max_lora_rank=1, lora_dtype=torch.float32, lora_target_modules=self._modules())
-        # ---- end of mixed batches -------------------------------------------------------------------------
-        return AsyncEngineArgs(
+        args: dict[str, Any] = dict(
             model=str(self.model_dir), tokenizer=str(self.model_dir), served_model_name=self.model_name,
-            dtype=str(self.dtype).split(".")[-1], max_model_len=self.max_model_len,
-            max_num_seqs=self.max_batch, tensor_parallel_size=self.tp,
-            gpu_memory_utilization=self._gpu_mem, enforce_eager=cpu if self._eager is None else self._eager,
-            enable_prefix_caching=True, worker_extension_cls=WORKER_EXTENSION, seed=0,
+            dtype=str(self.dtype).split(".")[-1], max_num_seqs=self.max_batch,
+            enable_prefix_caching=True, worker_extension_cls=WORKER_EXTENSION, seed=0, disable_log_stats=True)
+        # ---- parallelism and memory: ServerConfig → EngineConfig → here (issue 11, part 1) ----
+        ranks = self.tp * self.pp
+        args.update(
+            tensor_parallel_size=self.tp, pipeline_parallel_size=self.pp,
             # one rank: the worker lives in the engine-core process (one process start fewer)
-            distributed_executor_backend="uni" if self.tp == 1 else None,
-            disable_log_stats=True, **lora)
+            distributed_executor_backend=self._executor or ("uni" if ranks == 1 else None),
+            max_model_len=self._max_model_len, gpu_memory_utilization=self._gpu_mem,
+            enforce_eager=cpu if self._eager is None else self._eager)
+        # ---- mixed batches (issue 10, route A): factored layers through vLLM's LoRA machinery ----
+        args.update(enable_lora=True, max_loras=self.max_loras, max_cpu_loras=4 * self.max_loras,
+                    max_lora_rank=1, lora_dtype=torch.float32, lora_target_modules=self._modules())
+        # ---- the pass-through (checked in __init__; never overrides what is set above) ----
+        clash = sorted(set(self._extra_args) & set(args))
+        if clash:
+            raise InvalidEngineArgs(f"--vllm-engine-args: {', '.join(clash)} is set by t2 itself")
+        return AsyncEngineArgs(**args, **self._extra_args)
 
     async def stop(self) -> None:
         self.inflight.close(EngineUnavailable("the server is shutting down"))
@@ -175,15 +235,16 @@ class VLLMEngine(Engine):
             llm, self.llm = self.llm, None
             await asyncio.to_thread(llm.shutdown)
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> EngineHealth:
         alive = self.llm is not None and not getattr(self.llm, "errored", False)
-        return {"status": "ok" if alive and not self._fault else "error", "engine": "vllm",
-                "device": self.worker_info.get("device"), "dtype": str(self.dtype).split(".")[-1],
-                "patch_path": "factored", "tensor_parallel_size": self.tp, "max_loras": self.max_loras,
-                "running": self.inflight.total, "waiting": 0, "swaps": 0,
-                "adaptations_live": len(self.inflight.running),
-                "adaptations_per_step": self.step_stats.get("adaptations_per_step"),
-                "factored_share": self.step_stats.get("factored_share"), "fault": self._fault}
+        return EngineHealth(
+            ok=alive and not self._fault, engine="vllm", device=self.worker_info.get("device"),
+            dtype=str(self.dtype).split(".")[-1], adaptation=None, running=self.inflight.total, waiting=0,
+            swaps=0, fault=self._fault,
+            details={"patch_path": "factored", "tensor_parallel_size": self.tp, "pipeline_parallel_size": self.pp,
+                     "max_loras": self.max_loras, "adaptations_live": len(self.inflight.running),
+                     "adaptations_per_step": self.step_stats.get("adaptations_per_step"),
+                     "factored_share": self.step_stats.get("factored_share")})
 
     async def refresh_step_stats(self) -> dict[str, Any]:
         """The factored layers' step counters of rank 0 (an RPC into the engine core, between two steps);

@@ -92,7 +92,7 @@ def test_chat_stream_and_completions_with_the_t2_report(vclient, vllm_live):
     assert vclient.chat.completions.create(model="tiny-llama", messages=MSG, max_tokens=2, temperature=0
                                            ).model_extra["t2"]["path"] == "dense"
     h = vllm_live.engine.health()
-    assert h["engine"] == "vllm" and h["status"] == "ok" and h["patch_path"] == "factored"
+    assert h.engine == "vllm" and h.ok and h.details["patch_path"] == "factored"
 
 
 def test_first_pass_scores_the_labels_in_one_constrained_step(vclient):

@@ -5,8 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from experts.expert import Expert, random_expert
-from experts.mix import Adaptation, mix_z
-from experts.svd import load_factors, model_fingerprint, model_ranks
+from experts.mix import mix_z
+from experts.svd import load_factors, model_ranks
 from experts.tasks.base import Example, Task
 from experts.train.cem import CEMConfig, MixSpace, mixed_z
 from experts.train.fewshot import PROFILE_LABEL, fewshot_profile

@@ -1,5 +1,8 @@
 """Serving: the two passes of every request, between the API models and the engine.
 
+The request path, top to bottom: routes (server/api/app.py) → `Serving` (here, beside the protocol models it
+reads and writes, server/api/protocol.py) → the Engine interface (server/engines/base.py).
+
 Contract, per chat or completion request:
   0. check the request (fields we don't implement, lengths, n, max_tokens) and tokenize its prompt;
   1. dispatch: decide the adaptation. explicit → the named mix; none → base; prompt → the first pass scores
@@ -331,7 +334,7 @@ class Serving:
 
     def _chat_stream(self, model: str, prep: Prepared, d: Dispatched, reqs: list[GenerateRequest],
                      track: _Track) -> AsyncIterator[str]:
-        base = dict(id=P._id("chatcmpl"), created=int(time.time()), model=model)
+        base = dict(id=P.response_id("chatcmpl"), created=int(time.time()), model=model)
 
         def chunk(choices: list[P.ChatChunkChoice], **extra: Any) -> str:
             return _sse(P.ChatCompletionChunk(**base, choices=choices, **extra))
@@ -376,7 +379,7 @@ class Serving:
 
     def _completion_stream(self, model: str, prep: Prepared, d: Dispatched, reqs: list[GenerateRequest],
                            track: _Track) -> AsyncIterator[str]:
-        base = dict(id=P._id("cmpl"), created=int(time.time()), model=model)
+        base = dict(id=P.response_id("cmpl"), created=int(time.time()), model=model)
 
         async def body() -> AsyncIterator[str]:
             finished, track.finish = 0, [None] * len(reqs)
