@@ -20,6 +20,10 @@ class ExpertFormatError(ExpertError):
         super().__init__(f"{where}: {message}")
 
 
+class DegenerateZ(ExpertError):
+    """A z-vector (or a mix of them) for which the SVF rescale c = Σs / Σ(s ⊙ z) is not finite or out of range."""
+
+
 class IncompatibleExpert(ExpertError):
     """An expert was made for other base weights than the ones loaded."""
 

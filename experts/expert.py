@@ -6,7 +6,9 @@ Contract:
   (math, code, reasoning, classifier, ...) and `description`. The expert's name is the file's stem.
 - `Expert.load` reads only safetensors and checks the file on its own (format, 1-D fp32-convertible, finite,
   non-negative, not all zero). `Expert.check_against` checks it against the loaded base: every name is an
-  adapted matrix, every length equals that matrix's rank, the base fingerprint matches. Each failure is an
+  adapted matrix, every length equals that matrix's rank, the base fingerprint matches, and, given the
+  matrices' singular values (`spectra`, as the engines pass them), the rescale c = Σs / Σ(s ⊙ z) of every
+  matrix is finite and sane (`experts.mix.rescale`, range `experts.mix.C_RANGE`). Each failure is an
   ExpertFormatError / IncompatibleExpert naming the file and the tensor.
 - `import_reference` converts the reference implementation's pickles (policy_params.pt,
   learnable_params.pt: raw parameters p, z = sigmoid(p)) with `torch.load(weights_only=True)`.
@@ -23,7 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from experts.errors import ExpertFormatError, IncompatibleExpert
+from experts.errors import DegenerateZ, ExpertFormatError, IncompatibleExpert
 from experts.svd import MLP_TARGETS, target_names
 
 FORMAT = "t2-expert"
@@ -95,8 +97,10 @@ class Expert:
                    base_model=meta.get("base_model", ""), base_fingerprint=meta.get("base_fingerprint", ""),
                    path=path)
 
-    def check_against(self, ranks: Mapping[str, int], fingerprint: str, base_model: str = "") -> None:
-        """Raise unless every z-vector fits an adapted matrix of the loaded base weights."""
+    def check_against(self, ranks: Mapping[str, int], fingerprint: str, base_model: str = "",
+                      spectra: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Raise unless every z-vector fits an adapted matrix of the loaded base weights (and, given the
+        singular values `spectra` {name: s [rank]}, its rescale c is sane)."""
         where = self.path or self.name
         if self.base_fingerprint and self.base_fingerprint != fingerprint:
             raise IncompatibleExpert(
@@ -108,6 +112,12 @@ class Expert:
                                         "(is it decomposed? see --targets)", name)
             if t.numel() != ranks[name]:
                 raise ExpertFormatError(where, f"has length {t.numel()}, the matrix has rank {ranks[name]}", name)
+            if spectra is not None and name in spectra:
+                from experts.mix import rescale     # mix.py imports this module
+                try:
+                    rescale(spectra[name].detach().cpu(), t)
+                except DegenerateZ as e:
+                    raise ExpertFormatError(where, str(e), name) from None
 
     @property
     def num_params(self) -> int:

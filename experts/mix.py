@@ -8,6 +8,16 @@ Contract:
 - `mix_z` computes z' = Σ_k α_k z_k per matrix (z after the sigmoid, as the paper describes). A matrix an
   expert does not cover counts as z_k = 1 for it (that expert leaves the matrix as it is). Matrices no expert
   covers are absent from the result: they keep the base weights.
+- `rescale(s, z)` is the one place the SVF rescale c = Σs / Σ(s ⊙ z) is computed (experts.patch.svf_delta,
+  so every composition path, and `Expert.check_against` at load). It raises DegenerateZ unless Σ(s ⊙ z) > 0
+  and c ∈ C_RANGE = [1e-4, 1e4]. Why that range: c·z·s_i ≤ Σs whatever z is, so the patched weights are
+  bounded for any finite c; the range only refuses z whose Σ(s ⊙ z) is so small (or large) that its float
+  arithmetic degenerates (z = [1e-45, 0, …] gives c ≈ 1e46, inf in fp32, NaN weights). Every z of the paper
+  (a sigmoid, z ∈ [1e-4, 1]) has c ∈ [1, 1e4] and passes; a uniform z is the identity at any scale, but a
+  scale below 1e-4 or above 1e4 is refused (rescale the file).
+- Blends of valid experts are valid: Σ(s ⊙ z') = Σ_k α_k Σ(s ⊙ z_k) (+ the missing experts' share, α·Σs, i.e.
+  c = 1) is a convex combination of values inside [Σs / 1e4, Σs / 1e-4], so c' stays in C_RANGE. The only
+  slack is the 6-digit rounding of the α (Σα = 1 ± 1e-5), absorbed by a relative tolerance of 1e-3.
 """
 
 from __future__ import annotations
@@ -18,10 +28,24 @@ from typing import Mapping
 
 import torch
 
-from experts.errors import ExpertNotFound
+from experts.errors import DegenerateZ, ExpertNotFound
 from experts.expert import BASE_NAME, Expert  # BASE_NAME: defined beside the expert names it excludes
 
 _DIGITS = 6
+C_RANGE = (1e-4, 1e4)   # the sane range of the rescale c (see the contract)
+_C_TOL = 1e-3           # relative slack of the range for blends (rounded mixing weights)
+
+
+def rescale(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """c = Σs / Σ(s ⊙ z) (fp32, differentiable in z) for s [r], z [r]; raises DegenerateZ if c is not sane."""
+    z = z.to(device=s.device, dtype=torch.float32)
+    den = float((s.detach().double() * z.detach().double()).sum())      # fp64: a tiny Σ(s⊙z) stays visible
+    c64 = float(s.detach().double().sum()) / den if den > 0 else math.inf
+    lo, hi = C_RANGE
+    if not (math.isfinite(c64) and lo * (1 - _C_TOL) <= c64 <= hi * (1 + _C_TOL)):
+        raise DegenerateZ(f"the rescale c = Σs / Σ(s⊙z) is {c64:.3g} (Σ(s⊙z) = {den:.3g}), outside the sane "
+                          f"range [{lo:g}, {hi:g}]: z is degenerate (almost all zero, or far too large)")
+    return s.sum() / (s * z).sum()
 
 
 @dataclass(frozen=True)

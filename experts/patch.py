@@ -2,7 +2,9 @@
 
 Contract:
 - `svf_delta` is the formula, differentiable in z: Δ = U·diag(s ⊙ (c·z − 1))·Vᵀ with c = Σs / Σ(s ⊙ z),
-  computed in fp32. W' = W + Δ is cast once to the weight dtype.
+  computed in fp32, c from `experts.mix.rescale` (which raises DegenerateZ on a degenerate z). W' = W + Δ is
+  cast once to the weight dtype; `SVFMatrix.compose` refuses a W' that is not finite (DegenerateZ), so NaN
+  or Inf weights are never written: `ModelPatcher.apply` composes every matrix before it writes any.
 - `SVFMatrix` is one adaptable weight matrix: it holds a reference to the live parameter, a private copy of
   the base weights and its factors (on the parameter's device), and knows how to compose W' and write it in
   place (`copy_`, never reassigning the parameter). Restoring copies the base back: bit for bit.
@@ -21,7 +23,9 @@ from typing import Callable, Mapping
 
 import torch
 
+from experts.errors import DegenerateZ
 from experts.mix import BASE_NAME as BASE_KEY
+from experts.mix import rescale
 from experts.svd import Factors
 
 UNKNOWN_KEY = "<unknown>"   # after forget(): the live weights must be rewritten by the next apply
@@ -30,7 +34,7 @@ UNKNOWN_KEY = "<unknown>"   # after forget(): the live weights must be rewritten
 def svf_delta(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Δ = U·diag(s ⊙ (c·z − 1))·Vh, c = Σs / Σ(s ⊙ z). U [m, r], s [r], Vh [r, n], z [r] → [m, n] fp32."""
     z = z.to(device=s.device, dtype=torch.float32)
-    c = s.sum() / (s * z).sum()
+    c = rescale(s, z)
     return (U * (s * (c * z - 1))) @ Vh
 
 
@@ -50,8 +54,14 @@ class SVFMatrix:
         return self.s.numel()
 
     def compose(self, z: torch.Tensor) -> torch.Tensor:
-        """W' = W + Δ(z), computed in fp32, cast once to the weight dtype."""
-        return (self.base.to(torch.float32) + svf_delta(self.U, self.s, self.Vh, z)).to(self.base.dtype)
+        """W' = W + Δ(z), computed in fp32, cast once to the weight dtype; DegenerateZ if z or W' is not sane."""
+        try:
+            w = (self.base.to(torch.float32) + svf_delta(self.U, self.s, self.Vh, z)).to(self.base.dtype)
+        except DegenerateZ as e:
+            raise DegenerateZ(f"{self.name}: {e}") from None
+        if not torch.isfinite(w).all():      # never write NaN/Inf weights (e.g. a non-finite z in memory)
+            raise DegenerateZ(f"{self.name}: the patched weights are not finite")
+        return w
 
     def write(self, w: torch.Tensor) -> None:
         self.param.copy_(w)

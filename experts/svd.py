@@ -238,6 +238,12 @@ def ensure_factors(model_dir: Path, cache_dir: Path, targets: Sequence[str] = ML
     return factors_path(cache_dir), fp
 
 
+def read_spectra(factors_file: Path, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """{name: s [r]} of a factors file (the singular values only: what the experts' rescale check needs)."""
+    with safe_open(str(factors_file), framework="pt") as fh:
+        return {n: fh.get_tensor(f"{n}.s") for n in names}
+
+
 def read_factor_slice(fh, name: str, rows: tuple[int, int] | None = None,
                       cols: tuple[int, int] | None = None) -> Factors:
     """One matrix's factors from an open factors file (`safe_open`), sliced for one tensor-parallel rank.

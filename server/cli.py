@@ -96,6 +96,15 @@ def serve(**fields) -> None:
     try:
         engine_config = EngineConfig.from_server_config(config)
         check_startup(engine_config)
+        if config.ray:        # each replica makes its own engine (server/ray_serve.py, the one module importing ray)
+            try:
+                from server.ray_serve import run as run_on_ray
+            except ImportError as e:
+                raise StartupError(f"--ray needs Ray Serve: pip install 't2-server[ray]' ({e})") from None
+            try:
+                return run_on_ray(config)
+            except Exception as e:  # noqa: BLE001 - Ray's own failures (a node that did not start, ...) as one line
+                raise StartupError(f"Ray Serve: {e}") from None
         engine = make_engine(engine_config)
     except (StartupError, ExpertError, ImportError, OSError) as e:
         _fail(e)

@@ -28,7 +28,7 @@ def _fail(e: Exception) -> None:
 
 
 def _run(name: str, label: str, task, valid_size: int, model: Optional[Path], out: Path, run_dir: Optional[Path],
-         attention: bool, device: str, description: str, **cfg) -> None:
+         attention: bool, device: str, description: str, valid_task=None, **cfg) -> None:
     """1. model + factors; 2. split the task; 3. train; 4. save the best z as an expert."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -49,10 +49,15 @@ def _run(name: str, label: str, task, valid_size: int, model: Optional[Path], ou
     tok = AutoTokenizer.from_pretrained(model_dir)
     lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev)
     # 2. split
-    if len(task.examples) <= valid_size:
+    # (or a validation task of its own: a split disjoint by template, not only by example)
+    if valid_task is not None:
+        valid = valid_task.subset(slice(0, valid_size), f"{task.name}-valid")
+        train = task.subset(slice(0, None), f"{task.name}-train")
+    elif len(task.examples) <= valid_size:
         _fail(ValueError(f"{len(task.examples)} examples: need more than --valid-size {valid_size}"))
-    valid = task.subset(slice(0, valid_size), f"{task.name}-valid")
-    train = task.subset(slice(valid_size, None), f"{task.name}-train")
+    else:
+        valid = task.subset(slice(0, valid_size), f"{task.name}-valid")
+        train = task.subset(slice(valid_size, None), f"{task.name}-train")
     # 3. train
     run_dir = run_dir or Path("runs") / name
     config = TrainConfig(**cfg)
@@ -224,21 +229,35 @@ def train_classifier(name: str = typer.Argument("classifier", help="Expert name.
                      grad_clip: float = _COMMON["grad_clip"], max_new_tokens: int = typer.Option(24),
                      temperature: float = _COMMON["temperature"], baseline: bool = _COMMON["baseline"],
                      val_every: int = _COMMON["val_every"],
-                     val_size: int = _COMMON["val_size"], seed: int = _COMMON["seed"]) -> None:
+                     val_size: int = _COMMON["val_size"], seed: int = _COMMON["seed"],
+                     valid_source: Optional[list[str]] = typer.Option(
+                         None, "--valid-source", help="LABEL:FORMAT[:FILE] for validation only (repeat); "
+                         "default: the first --valid-size examples of the sources."),
+                     objective: str = typer.Option("reinforce", help="reinforce (the paper's) | labels "
+                                                   "(cross-entropy over the labels the server scores)")
+                     ) -> None:
     """Train the classification expert: the dispatch prompt answered with each source's label."""
     from dataclasses import replace
 
     from experts.tasks import load_task
     from experts.train.classifier import classification_task
-    try:
-        tasks = []
-        for s in source:
+
+    def labelled(specs: list[str]) -> list:
+        out = []
+        for s in specs:
             label, fmt, *path = s.split(":", 2)
-            tasks.append(replace(load_task(fmt, path[0] if path else None), label=label))
-        t = classification_task(tasks, seed=seed)
+            out.append(replace(load_task(fmt, path[0] if path else None), label=label))
+        return out
+
+    try:
+        if objective not in ("reinforce", "labels"):
+            raise ValueError(f"--objective must be reinforce or labels, not {objective!r}")
+        t = classification_task(labelled(source), seed=seed)
+        v = classification_task(labelled(valid_source), seed=seed) if valid_source else None
     except (ValueError, OSError) as e:
         _fail(e)
-    _run(name, "classifier", t, valid_size, model, out, run_dir, attention, device, description,
+    _run(name, "classifier", t, valid_size, model, out, run_dir, attention, device, description, valid_task=v,
+         objective=objective,
          steps=steps, batch_size=batch_size, lr=lr, kl_coef=kl_coef, grad_clip=grad_clip,
          max_new_tokens=max_new_tokens, temperature=temperature, baseline=baseline, val_every=val_every,
          val_size=val_size,

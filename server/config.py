@@ -115,6 +115,16 @@ class ServerConfig(BaseModel):
                 flags = ", ".join("--" + n.replace("_", "-") for n in changed)
                 raise ValueError(f"{flags}: only for --engine vllm")
         return self
+    # ---- scaling out: Ray Serve replicas (server/ray_serve.py; needs the extra .[ray]) ----
+    ray: bool = Field(False, description="Serve through Ray Serve: replicas behind Ray's proxy on host:port.")
+    ray_address: Optional[str] = Field(
+        None, description="Ray cluster to join (e.g. ray://head:10001 or auto); unset: start a local one.")
+    replicas: int = Field(1, ge=1, description="Ray Serve replicas, each with its own engine (the minimum "
+                          "when max_replicas is set).")
+    max_replicas: Optional[int] = Field(
+        None, ge=1, description="Autoscale between replicas and this many on ongoing requests (unset: fixed).")
+    replica_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each replica.")
+    replica_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves for each replica.")
 
     def resolved_cache_dir(self) -> Path:
         from server.default_model import default_cache_dir

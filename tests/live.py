@@ -1,5 +1,8 @@
 """The real app served in a background thread on a loopback port: for tests, benchmarks and notebooks.
 
+Lives in tests/ (not in the installed package): the tests import it as `tests.live`, the benchmarks too (they
+put the repository root on sys.path).
+
 Contract: `LiveServer(config)` builds the app with `create_app(config)`; as a context manager it starts
 uvicorn in a daemon thread, returns once the server accepts connections (or raises if it died or took
 longer than `start_timeout`), and on exit asks uvicorn to shut down gracefully and joins the thread.

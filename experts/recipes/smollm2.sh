@@ -41,12 +41,42 @@ EXTRA=()
 wait
 train reasoning $T2 train reasoning --task arc --data "$DATA/reasoning_train.jsonl" --label reasoning \
     --max-new-tokens 48 --description "multiple-choice reasoning (ARC format)"
-# 3. the classification expert (the dispatch prompt answered with each source's label)
-train classifier $T2 train-classifier classifier --source "math:gsm8k:$DATA/math_train.jsonl" \
-    --source "code:mbpp:$DATA/code_train.jsonl" --source "reasoning:arc:$DATA/reasoning_train.jsonl" \
-    --max-new-tokens 4
 wait
-tail -n 1 runs/{math,code,reasoning,classifier}/train.out
+# 3. the classification expert (runs-smollm2/classifier-labels): the dispatch prompt answered with each
+#    source's label, on every label including `other`: the routing templates (experts/tasks/generate/routing.py,
+#    train split seed 1, validation on the templates held out of it, seed 2) plus 100 rows of each generator
+#    above; cross-entropy over the four labels the first pass scores (--objective labels) instead of
+#    REINFORCE. It was run with --steps 40 and stopped after the step-16 validation for time; the committed
+#    recipe.json is the resume with --steps 16 that saved it. (The previous classifier: REINFORCE, 24 steps,
+#    only the GSM8K / MBPP / ARC sources, --max-new-tokens 4; runs-smollm2/classifier.)
+$PY - <<'PYEOF'
+from experts.tasks.base import write_jsonl
+from experts.tasks.generate import write
+from experts.tasks.generate.routing import routing_rows
+rows = routing_rows(1600, 1, "train")
+for label, keep in (("code", 300), ("math", 300), ("reasoning", 300), ("other", 400)):   # 400 per label in all
+    write_jsonl(f"runs/data/routing_train/{label}.jsonl",
+                [{"prompt": r["prompt"], "template": r["template"]} for r in rows if r["label"] == label][:keep])
+valid = routing_rows(400, 2, "valid")
+for label in ("code", "math", "reasoning", "other"):
+    write_jsonl(f"runs/data/routing_valid/{label}.jsonl",
+                [{"prompt": r["prompt"], "template": r["template"]} for r in valid if r["label"] == label])
+for kind, name in (("arithmetic", "math"), ("programs", "code"), ("choice", "reasoning")):
+    write(kind, f"runs/data/clf_{name}.jsonl", 100, seed=1)
+PYEOF
+R=$DATA/routing_train V=$DATA/routing_valid
+mkdir -p runs/classifier-labels
+OMP_NUM_THREADS=1 $T2 train-classifier classifier --objective labels \
+    --source "code:prompts:$R/code.jsonl" --source "code:mbpp:$DATA/clf_code.jsonl" \
+    --source "math:prompts:$R/math.jsonl" --source "math:gsm8k:$DATA/clf_math.jsonl" \
+    --source "reasoning:prompts:$R/reasoning.jsonl" --source "reasoning:arc:$DATA/clf_reasoning.jsonl" \
+    --source "other:prompts:$R/other.jsonl" \
+    --valid-source "code:prompts:$V/code.jsonl" --valid-source "math:prompts:$V/math.jsonl" \
+    --valid-source "reasoning:prompts:$V/reasoning.jsonl" --valid-source "other:prompts:$V/other.jsonl" \
+    --steps 16 --batch-size 8 --lr 2e-2 --grad-clip 1e-3 --val-every 8 --val-size 40 --valid-size 40 \
+    --description "the dispatch classification expert (label cross-entropy, routing templates + GSM8K/MBPP/ARC formats)" \
+    --run-dir runs/classifier-labels --out "$OUT" >runs/classifier-labels/train.out 2>&1
+tail -n 1 runs/{math,code,reasoning,classifier-labels}/train.out
 
 # 4. few-shot adaptation for a task no expert was trained on (HumanEval): CEM over the three experts' weights
 #    on 8 problems from the end of the set (the evaluation uses the first --limit ones); saved as a profile.
@@ -67,3 +97,6 @@ $T2 eval --url http://127.0.0.1:8765 "${TASKS[@]}" --limit 40 --max-tokens 160 -
     --timing-samples 0 --out experts/recipes/eval-smollm2
 $T2 eval --url http://127.0.0.1:8765 "${TASKS[@]}" --limit 0 --timing-samples 5 --max-tokens 160 \
     --out experts/recipes/eval-smollm2-timing
+# 6. routing on the held-out routing set (tests/data/routing/heldout.jsonl, never trained on): per-label
+#    accuracy and confusion matrices of `prompt` and `classifier` through the same server
+$PY -m clients.routing --url http://127.0.0.1:8765 --out experts/recipes/routing-smollm2/after

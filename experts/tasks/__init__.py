@@ -5,7 +5,8 @@ Modules, one concern each:
 - numbers / latex: reading numbers and LaTeX answers out of free text, and comparing them;
 - gsm8k, competition_math (MATH), arc, programs (MBPP and code extraction), humaneval: loaders + graders;
 - sandbox: running untrusted code in a confined subprocess;
-- generate: seeded training data in the GSM8K, MBPP and ARC formats.
+- generate: seeded training data in the GSM8K, MBPP and ARC formats, and the classifier's prompts;
+- `prompts`: bare prompts (JSONL rows with `prompt`), the classifier's own sources.
 
 `load_task(format, path)` reads a file of a known format; `FORMATS` lists them. Never imports the server.
 """
@@ -21,8 +22,19 @@ from experts.tasks.competition_math import load_math
 from experts.tasks.gsm8k import load_gsm8k
 from experts.tasks.programs import load_mbpp
 
+
+
+def load_prompts(path: Path | str, name: str | None = None) -> Task:
+    """Bare prompts (JSON lines with a `prompt`), for tasks that only need the question: the classifier's
+    sources. No answers, so the grader rejects everything; the label is the source's."""
+    rows = read_jsonl(path)
+    if any(not isinstance(r.get("prompt"), str) or not r["prompt"].strip() for r in rows):
+        raise ValueError(f"{path}: every row needs a non-empty 'prompt'")
+    return Task(name or Path(path).stem, "", [Example(r["prompt"], "") for r in rows], lambda *_: False)
+
+
 FORMATS: dict[str, Callable[..., Task]] = {"gsm8k": load_gsm8k, "math": load_math, "arc": load_arc,
-                                           "mbpp": load_mbpp}
+                                           "mbpp": load_mbpp, "prompts": load_prompts}
 
 
 def load_task(fmt: str, path: Path | str | None = None, name: str | None = None) -> Task:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from dataclasses import dataclass
 from typing import Iterable
 
 from experts.dispatch import ANSWER_PREFIX, LABELS, SYSTEM_PROMPT, classification_messages, parse_label
@@ -35,4 +36,11 @@ def classification_task(tasks: Iterable[Task], seed: int = 0, name: str = "class
     for exs in per_label.values():
         rng.shuffle(exs)
     mixed = [e for group in itertools.zip_longest(*per_label.values()) for e in group if e is not None]
-    return Task(name, "classifier", mixed, _grade, system=SYSTEM_PROMPT, answer_prefix=ANSWER_PREFIX)
+    return ClassifierTask(name, "classifier", mixed, _grade, system=SYSTEM_PROMPT, answer_prefix=ANSWER_PREFIX)
+
+
+@dataclass
+class ClassifierTask(Task):
+    """The classification task; `choices` (the labels) let the trainer's `labels` objective score them."""
+
+    choices: tuple[str, ...] = LABELS

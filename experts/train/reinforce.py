@@ -61,6 +61,7 @@ class TrainConfig:
     init_mean: float = 0.1
     init_std: float = 0.01
     seed: int = 0
+    objective: str = "reinforce"       # or "labels": cross-entropy over a choice task's labels (see step)
 
 
 class SVFPolicy(torch.nn.Module):
@@ -110,6 +111,8 @@ class Trainer:
         t0 = time.perf_counter()
         # 1. batch
         batch = self.rng.sample(self.train.examples, min(self.cfg.batch_size, len(self.train.examples)))
+        if self.cfg.objective == "labels":
+            return self._label_step(batch, t0)
         # 2. rollouts under the current z
         patched = {n: w.detach() for n, w in self.policy.patched().items()}
         (enc, comp), texts = self.rollouts.generate(self.rollouts.prompts(batch, self.train), patched)
@@ -138,10 +141,44 @@ class Trainer:
                "seconds": round(time.perf_counter() - t0, 2)}
         return row
 
+    def _label_step(self, batch: list[Any], t0: float) -> dict[str, float]:
+        """The supervised alternative for a choice task (one with `.choices`, the labels, and each example's
+        `.answer` one of them; the classifier task): the server decides by the likelihood of each label after
+        the prompt, so train that decision directly: loss = cross-entropy of the true label's first token
+        among the labels' first tokens (the tokens after them, e.g. "ing}" of "reasoning}", are all but
+        certain once the first is chosen), with gradients through W'(p) as in REINFORCE; no rollouts.
+        `reward` in the log is the batch accuracy of that choice, before the update."""
+        choices = list(self.train.choices)
+        first = self.rollouts.choice_tokens(self.rollouts.prompts(batch[:1], self.train)[0], choices)
+        logp = self.rollouts.choice_logprobs(self.rollouts.prompts(batch, self.train), first,
+                                             self.policy.patched())                              # [B, C]
+        target = torch.tensor([choices.index(e.answer) for e in batch], device=logp.device)      # [B]
+        loss = torch.nn.functional.nll_loss(logp, target)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.step_no += 1
+        acc = float((logp.argmax(-1) == target).float().mean())
+        return {"step": self.step_no, "loss": float(loss.detach()), "reward": acc, "train_acc": acc, "kl": 0.0,
+                "grad_norm": float(gnorm), "seconds": round(time.perf_counter() - t0, 2)}
+
     def accuracy(self, task: Any, z: Mapping[str, torch.Tensor] | None = None, limit: int | None = None) -> float:
         """Greedy accuracy on `task` under z (None: the current policy)."""
         weights = self.policy.patched() if z is None else patched_weights(self.policy.base, self.policy.factors, z)
-        return self.rollouts.accuracy(task, {n: w.detach() for n, w in weights.items()}, limit or self.cfg.val_size)
+        weights = {n: w.detach() for n, w in weights.items()}
+        if self.cfg.objective == "labels":          # the choice among the labels, as the server makes it
+            examples = task.examples[:limit or self.cfg.val_size]
+            choices = list(task.choices)
+            first = self.rollouts.choice_tokens(self.rollouts.prompts(examples[:1], task)[0], choices)
+            right = 0
+            with torch.no_grad():
+                for i in range(0, len(examples), self.cfg.batch_size):
+                    chunk = examples[i:i + self.cfg.batch_size]
+                    pick = self.rollouts.choice_logprobs(self.rollouts.prompts(chunk, task), first, weights).argmax(-1)
+                    right += sum(choices[int(k)] == e.answer for k, e in zip(pick, chunk))
+            return right / max(1, len(examples))
+        return self.rollouts.accuracy(task, weights, limit or self.cfg.val_size)
 
     # -- the loop ------------------------------------------------------------------------------------
     def fit(self, progress: bool = True) -> list[dict[str, float]]:
@@ -226,7 +263,8 @@ class Trainer:
         if val:
             ax.plot(*zip(*val), "o-", label="validation accuracy")
         ax.set_xlabel("step")
-        ax.set_title(f"SVF REINFORCE: {self.meta['name']}")
+        ax.set_title(f"SVF {'label cross-entropy' if self.cfg.objective == 'labels' else 'REINFORCE'}: "
+                     f"{self.meta['name']}")
         ax.legend()
         fig.tight_layout()
         path = self.run_dir / "curve.png"

@@ -95,6 +95,50 @@ class Rollouts:
             correct += sum(task.reward(t, e) > 0 for t, e in zip(texts, chunk))
         return correct / max(1, len(examples))
 
+    def choice_tokens(self, prompt: str, choices: Sequence[str], suffix: str = "}") -> list[int]:
+        """The first token of each choice as it continues `prompt` (tokenized together with `prompt` and
+        `suffix`, as the server scores labels); the choices must differ in that token."""
+        full = [self.tok(prompt + c + suffix, add_special_tokens=False)["input_ids"] for c in choices]
+        common = 0
+        while all(len(f) > common + 1 and f[common] == full[0][common] for f in full):
+            common += 1
+        first = [f[common] for f in full]
+        if len(set(first)) != len(first):
+            raise ValueError(f"choices {list(choices)} share their first token after the prompt")
+        return first
+
+    def choice_logprobs(self, prompts: list[str], choice_ids: Sequence[int],
+                        weights: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+        """Log-softmax over `choice_ids` of the next-token logits after each prompt [B, C], with the weights
+        passed through `functional_call` (differentiable in whatever they were computed from). The prompts'
+        common token prefix (for the classifier: the system prompt and the start of the user turn, most of
+        each prompt) runs once and its KV cache is shared by the batch; gradients flow through it too."""
+        ids = [self.tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        n_pre = 0
+        while all(len(x) > n_pre + 1 and x[n_pre] == ids[0][n_pre] for x in ids):
+            n_pre += 1
+
+        def call(**kw: Any) -> Any:
+            return functional_call(self.model, dict(weights), args=(), kwargs=kw) if weights else self.model(**kw)
+
+        dev = self.model.device
+        b, width = len(ids), max(len(x) for x in ids) - n_pre
+        cache = None
+        if n_pre:
+            cache = call(input_ids=torch.tensor([ids[0][:n_pre]], device=dev), use_cache=True).past_key_values
+            cache.batch_repeat_interleave(b)
+        suffix = torch.full((b, width), self.tok.pad_token_id, dtype=torch.long)          # right-padded
+        mask = torch.zeros((b, n_pre + width), dtype=torch.long)
+        for i, x in enumerate(ids):
+            suffix[i, :len(x) - n_pre] = torch.tensor(x[n_pre:])
+            mask[i, :len(x)] = 1
+        positions = (n_pre + torch.arange(width)).expand(b, width)
+        out = call(input_ids=suffix.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
+                   past_key_values=cache, use_cache=cache is not None)
+        last = torch.tensor([len(x) - n_pre - 1 for x in ids], device=dev)
+        logits = out.logits[torch.arange(b, device=dev), last][:, list(choice_ids)].float()   # [B, C]
+        return torch.log_softmax(logits, -1)
+
     @torch.no_grad()
     def answer_loglik(self, task: Any, examples: Sequence[Any], weights: Mapping[str, torch.Tensor] | None,
                       answers: Sequence[str]) -> float:

@@ -13,9 +13,10 @@ Contract:
   key is set; `/admin` exists only when an admin key is set and needs that key (both compared in constant
   time; a miss is an OpenAI-shaped 401); bodies over `max_body_bytes` are a 413. CORS wraps everything when
   origins are configured. `/health` and `/metrics` are open (probes and scrapers).
-- Generation routes let at most `max_concurrent_requests` in at once (`InFlightLimit`) (beyond: 429 + Retry-After, as for a
-  full scheduler queue), abort a request whose client disconnects (stream or not: its engine rows are
-  freed at once), and abort one that runs past `request_timeout_s` (504, or an error event in a stream).
+- Generation routes let at most `max_concurrent_requests` in at once (`InFlightLimit`; beyond: 429 +
+  Retry-After, as for a full scheduler queue), abort a request whose client disconnects (stream or not:
+  its engine rows are freed at once), and abort one that runs past `request_timeout_s` (504, or an error
+  event in a stream).
 - Admin API: GET/POST /admin/experts, DELETE /admin/experts/{name}; POST loads `<name>.safetensors` from
   `admin_experts_dir` only (names like expert file stems; no path, no traversal, no symlink out).
 """
@@ -25,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-
 from contextlib import aclosing, asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable

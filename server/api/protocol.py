@@ -2,7 +2,8 @@
 
 Contract: request models validate types and ranges (a violation is a 400 naming the field); unknown extra
 fields are ignored, as OpenAI clients send fields we don't use. Fields of the OpenAI API that we do not
-implement are accepted only at their neutral value (checked in serving, answered with a clear 400).
+implement are accepted only at their neutral value (checked in serving, answered with a clear 400); those
+not used anywhere else are declared once, in `_ChatRefused` / `_CompletionRefused` (REFUSED lists them).
 Everything that is ours, not OpenAI's, sits in the one fenced block below, each field with a description.
 """
 
@@ -55,6 +56,32 @@ class T2Usage(BaseModel):
 # ====================================================================================================
 
 
+# ---- OpenAI fields we do not implement: declared so that serving can refuse them (400 naming the field) ----
+class _ChatRefused(_Request):
+    audio: Optional[Any] = None
+    function_call: Optional[Any] = None
+    functions: Optional[Any] = None
+    modalities: Optional[list[str]] = None            # neutral: ["text"]
+    prediction: Optional[Any] = None
+    reasoning_effort: Optional[str] = None
+    service_tier: Optional[str] = None                # neutral: "auto" | "default"
+    store: Optional[bool] = None                      # neutral: false
+    metadata: Optional[dict[str, Any]] = None         # only meaningful with store
+    web_search_options: Optional[Any] = None
+    verbosity: Optional[str] = None
+
+
+class _CompletionRefused(_Request):
+    best_of: Optional[int] = None                     # neutral: 1
+
+
+# name → the values that mean "not used" (None always does)
+REFUSED: dict[str, tuple[Any, ...]] = {
+    "audio": (), "function_call": (), "functions": (), "modalities": (["text"],), "prediction": (),
+    "reasoning_effort": (), "service_tier": ("auto", "default"), "store": (False,), "metadata": ({},),
+    "web_search_options": (), "verbosity": (), "best_of": (1,)}
+
+
 # ---- shared ----
 class StreamOptions(_Request):
     include_usage: bool = False
@@ -100,11 +127,12 @@ class ChatMessage(_Request):
         return "".join(p.text for p in self.content)
 
 
-class ChatCompletionRequest(_Request):
+class ChatCompletionRequest(_ChatRefused):
     messages: list[ChatMessage] = Field(min_length=1)
     model: str
     frequency_penalty: Optional[float] = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: Optional[dict[str, float]] = None
+    logit_bias: Optional[dict[str, float]] = Field(None, description="Token id → bias in [-100, 100] added "
+                                                   "to its logit before sampling.")
     logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
@@ -130,11 +158,26 @@ class ResponseMessage(BaseModel):
     content: Optional[str] = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class TokenLogprobInfo(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: Optional[list[TokenLogprobInfo]] = None
+    refusal: Optional[list[TokenLogprobInfo]] = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ResponseMessage
     finish_reason: Optional[str] = None
-    logprobs: None = None
+    logprobs: Optional[ChoiceLogprobs] = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -156,7 +199,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
     finish_reason: Optional[str] = None
-    logprobs: None = None
+    logprobs: Optional[ChoiceLogprobs] = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -170,13 +213,16 @@ class ChatCompletionChunk(BaseModel):
 
 
 # ---- completions (legacy) ----
-class CompletionRequest(_Request):
+class CompletionRequest(_CompletionRefused):
     model: str
-    prompt: Union[str, list[str]]
-    echo: bool = False
+    prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
+        description="Text, or token ids; a list must hold exactly one prompt.")
+    echo: bool = Field(False, description="Put the prompt before the completion (with its logprobs).")
     frequency_penalty: Optional[float] = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: Optional[dict[str, float]] = Field(None, description="Token id → bias in [-100, 100] added "
+                                                   "to its logit before sampling.")
     logprobs: Optional[int] = Field(None, ge=0, le=5)
-    max_tokens: Optional[int] = Field(16, ge=1)
+    max_tokens: Optional[int] = Field(16, ge=0, description="0 only with echo (score the prompt).")
     n: int = Field(1, ge=1)
     presence_penalty: Optional[float] = Field(0.0, ge=-2.0, le=2.0)
     seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1)
@@ -191,10 +237,17 @@ class CompletionRequest(_Request):
     t2: Optional[T2RequestOptions] = None
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[Optional[float]] = Field(default_factory=list)
+    top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class CompletionChoice(BaseModel):
     text: str
     index: int
-    logprobs: None = None
+    logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[str] = None
 
 

@@ -34,6 +34,7 @@ from experts.dispatch import (ANSWER_PREFIX, CLASSIFIER_LABEL, LABEL_SUFFIX, LAB
                               classification_messages, experts_by_label, route)
 from experts.mix import BASE, Adaptation
 from server.api import protocol as P
+from server.api.logprobs import chat_logprobs, completion_logprobs, parse_logit_bias
 from server.config import ServerConfig
 from server.engines.base import Engine, GenerateRequest, SamplingParams, ScoreRequest, TokenChunk
 from server.errors import InvalidRequest, ModelNotFound, ServerError
@@ -66,6 +67,10 @@ class Prepared:
     explicit: Adaptation | None
     stream: bool
     include_usage: bool
+    logprobs: bool = False                # the response carries log-probabilities
+    echo: bool = False                    # completions: the prompt goes before the completion
+    echo_only: bool = False               # completions, max_tokens=0 with echo: only the prompt (scoring)
+    prompt_text: str = ""
 
 
 @dataclass
@@ -138,12 +143,15 @@ class Serving:
         return strategy, explicit
 
     def _check_common(self, req: P.ChatCompletionRequest | P.CompletionRequest, prompt_len: int,
-                      max_tokens: int | None) -> list[SamplingParams]:
+                      max_tokens: int | None, **sampling: Any) -> list[SamplingParams]:
         if req.frequency_penalty or req.presence_penalty:
             raise InvalidRequest("frequency_penalty and presence_penalty are not supported (use 0)",
                                  "frequency_penalty" if req.frequency_penalty else "presence_penalty")
-        if req.logprobs:
-            raise InvalidRequest("logprobs are not supported", "logprobs")
+        for name, neutral in P.REFUSED.items():     # OpenAI fields we do not implement: only their neutral value
+            value = getattr(req, name, None)
+            if value is not None and value not in neutral:
+                raise InvalidRequest(f"{name} is not supported by this server", name)
+        sampling["logit_bias"] = parse_logit_bias(req.logit_bias, len(self.engine.tokenizer))
         if req.n > self.config.max_n:
             raise InvalidRequest(f"n must be ≤ {self.config.max_n}", "n")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -169,7 +177,7 @@ class Serving:
         top_p = 1.0 if req.top_p is None else req.top_p
         return [SamplingParams(max_tokens=mt, temperature=temp, top_p=top_p,
                                seed=None if req.seed is None else (req.seed + i) % (2**63),
-                               stop=tuple(stop), ignore_eos=req.ignore_eos) for i in range(req.n)]
+                               stop=tuple(stop), ignore_eos=req.ignore_eos, **sampling) for i in range(req.n)]
 
     def _tokenize(self, text: str) -> list[int]:
         return self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -191,23 +199,39 @@ class Serving:
         users = [m["content"] for m in messages if m["role"] == "user"]
         question = users[-1] if users else "\n".join(m["content"] for m in messages)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = self._check_common(req, len(ids), max_tokens)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs=true", "top_logprobs")
+        params = self._check_common(req, len(ids), max_tokens,
+                                    logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         return Prepared(ids, question, params, strategy, explicit, req.stream,
-                        bool(req.stream_options and req.stream_options.include_usage))
+                        bool(req.stream_options and req.stream_options.include_usage), logprobs=bool(req.logprobs))
 
     def _prepare_completion(self, req: P.CompletionRequest) -> Prepared:
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        p = req.prompt
+        prompts = [p] if isinstance(p, str) or (p and all(isinstance(x, int) for x in p)) else list(p)
         if len(prompts) != 1:
-            raise InvalidRequest("send one prompt per request (a list must hold exactly one string)", "prompt")
-        if req.echo or req.suffix:
-            raise InvalidRequest("echo and suffix are not supported", "echo" if req.echo else "suffix")
+            raise InvalidRequest("send one prompt per request (a list must hold exactly one prompt)", "prompt")
+        if req.suffix:
+            raise InvalidRequest("suffix is not supported", "suffix")
+        if req.max_tokens == 0 and not req.echo:
+            raise InvalidRequest("max_tokens=0 is only allowed with echo=true (to score the prompt)", "max_tokens")
         strategy, explicit = self._resolve(req.model, req.t2)
-        ids = self._tokenize(prompts[0])
+        if isinstance(prompts[0], str):
+            text, ids = prompts[0], self._tokenize(prompts[0])
+        else:                                   # token ids (lm-evaluation-harness sends these)
+            vocab = len(self.engine.tokenizer)
+            ids = list(prompts[0])
+            if any(not 0 <= t < vocab for t in ids):
+                raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", "prompt")
+            text = self.engine.tokenizer.decode(ids)
         if not ids:
             raise InvalidRequest("the prompt is empty", "prompt")
-        params = self._check_common(req, len(ids), req.max_tokens)
-        return Prepared(ids, prompts[0], params, strategy, explicit, req.stream,
-                        bool(req.stream_options and req.stream_options.include_usage))
+        echo_only = req.echo and req.max_tokens == 0       # as vLLM: one token is computed, none returned
+        params = self._check_common(req, len(ids), 1 if echo_only else req.max_tokens, logprobs=req.logprobs,
+                                    prompt_logprobs=req.logprobs if req.echo else None)
+        return Prepared(ids, text, params, strategy, explicit, req.stream,
+                        bool(req.stream_options and req.stream_options.include_usage),
+                        logprobs=req.logprobs is not None, echo=req.echo, echo_only=echo_only, prompt_text=text)
 
     # ---- step 1: dispatch ----------------------------------------------------------------------------
     def _label_request(self, question: str, adaptation: Adaptation) -> ScoreRequest:
@@ -255,7 +279,7 @@ class Serving:
                           path=reqs[0].stats.path if reqs else None)
 
     def _usage(self, prep: Prepared, d: Dispatched, reqs: Sequence[GenerateRequest]) -> P.Usage:
-        completion = sum(r.stats.completion_tokens for r in reqs)
+        completion = 0 if prep.echo_only else sum(r.stats.completion_tokens for r in reqs)
         return P.Usage(prompt_tokens=len(prep.prompt_ids), completion_tokens=completion,
                        total_tokens=len(prep.prompt_ids) + completion, dispatch_tokens=d.tokens)
 
@@ -276,15 +300,18 @@ class Serving:
             ttft_s=None if track.first is None else track.first - track.t0, first_pass_ms=d.first_pass_ms,
             patch_ms=max(r.stats.patch_ms for r in reqs), queue_ms=max(r.stats.queue_ms for r in reqs))
 
-    async def _collect(self, prep: Prepared, d: Dispatched, reqs: list[GenerateRequest],
-                       track: _Track) -> tuple[list[str], list[str | None]]:
-        """Non-stream: every choice's whole text and finish reason (recorded in the metrics)."""
+    async def _collect(self, prep: Prepared, d: Dispatched, reqs: list[GenerateRequest], track: _Track,
+                       chunks: list[list[TokenChunk]] | None = None) -> tuple[list[str], list[str | None]]:
+        """Non-stream: every choice's whole text and finish reason (recorded in the metrics); each choice's
+        chunks into `chunks` when given (for the log-probabilities)."""
         texts, track.finish = [""] * len(reqs), [None] * len(reqs)
         try:
             async with aclosing(self._merged(reqs)) as merged:
                 async for i, c in merged:
                     self._first_token(track)
                     texts[i] += c.text
+                    if chunks is not None:
+                        chunks[i].append(c)
                     track.finish[i] = c.finish_reason or track.finish[i]
         finally:
             self._record(track, prep, d, reqs)
@@ -326,11 +353,38 @@ class Serving:
         reqs = self._requests(prep, d)
         if prep.stream:
             return _guard_stream(await _primed(self._chat_stream(req.model, prep, d, reqs, track)))
-        texts, finish = await self._collect(prep, d, reqs, track)
-        choices = [P.ChatChoice(index=i, message=P.ResponseMessage(content=t), finish_reason=f)
-                   for i, (t, f) in enumerate(zip(texts, finish))]
+        chunks: list[list[TokenChunk]] = [[] for _ in reqs]
+        texts, finish = await self._collect(prep, d, reqs, track, chunks)
+        choices = [P.ChatChoice(index=i, message=P.ResponseMessage(content=t), finish_reason=f,
+                                logprobs=self._chat_logprobs(prep, cs))
+                   for i, (t, f, cs) in enumerate(zip(texts, finish, chunks))]
         return P.ChatCompletionResponse(model=req.model, choices=choices, usage=self._usage(prep, d, reqs),
                                         t2=self._report(d, reqs))
+
+    def _chat_logprobs(self, prep: Prepared, chunks: Sequence[TokenChunk]) -> P.ChoiceLogprobs | None:
+        if not prep.logprobs:
+            return None
+        return chat_logprobs(self.engine.tokenizer, [x for c in chunks for x in (c.logprobs or ())])
+
+    def _completion_choice(self, prep: Prepared, i: int, text: str, chunks: Sequence[TokenChunk],
+                           finish: str | None, offset: int = 0, first: bool = True) -> P.CompletionChoice:
+        """One choice of a completion (a whole answer, or one chunk of a stream), echo and logprobs included.
+        `first`: these are the first chunks of the choice (the echo goes there); `offset`: characters sent."""
+        echo = prep.echo and first
+        ids: list[int] = list(prep.prompt_ids) if echo else []
+        lps: list = []
+        if echo and prep.logprobs:
+            plps = next((c.prompt_logprobs for c in chunks if c.prompt_logprobs is not None), None)
+            lps = list(plps) if plps is not None else [None] * len(ids)
+        if not prep.echo_only:
+            for c in chunks:
+                ids += c.token_ids
+                lps += c.logprobs or [None] * len(c.token_ids)
+        else:
+            text = ""
+        logprobs = completion_logprobs(self.engine.tokenizer, ids, lps, offset) if prep.logprobs else None
+        return P.CompletionChoice(index=i, text=(prep.prompt_text if echo else "") + text, logprobs=logprobs,
+                                  finish_reason=finish)
 
     def _chat_stream(self, model: str, prep: Prepared, d: Dispatched, reqs: list[GenerateRequest],
                      track: _Track) -> AsyncIterator[str]:
@@ -349,10 +403,11 @@ class Serving:
                             for j in range(len(reqs)):
                                 yield chunk([P.ChatChunkChoice(index=j, delta=P.DeltaMessage(role="assistant",
                                                                                              content=""))])
-                        if c.finish_reason is None and not c.text:
+                        if c.finish_reason is None and not c.text and not (prep.logprobs and c.logprobs):
                             continue
                         choice = P.ChatChunkChoice(index=i, delta=P.DeltaMessage(content=c.text or None),
-                                                   finish_reason=c.finish_reason)
+                                                   finish_reason=c.finish_reason,
+                                                   logprobs=self._chat_logprobs(prep, [c]))
                         finished += c.finish_reason is not None
                         track.finish[i] = c.finish_reason or track.finish[i]
                         last = finished == len(reqs) and not prep.include_usage
@@ -372,8 +427,9 @@ class Serving:
         reqs = self._requests(prep, d)
         if prep.stream:
             return _guard_stream(await _primed(self._completion_stream(req.model, prep, d, reqs, track)))
-        texts, finish = await self._collect(prep, d, reqs, track)
-        choices = [P.CompletionChoice(index=i, text=t, finish_reason=f) for i, (t, f) in enumerate(zip(texts, finish))]
+        chunks: list[list[TokenChunk]] = [[] for _ in reqs]
+        texts, finish = await self._collect(prep, d, reqs, track, chunks)
+        choices = [self._completion_choice(prep, i, t, cs, f) for i, (t, f, cs) in enumerate(zip(texts, finish, chunks))]
         return P.CompletionResponse(model=req.model, choices=choices, usage=self._usage(prep, d, reqs),
                                     t2=self._report(d, reqs))
 
@@ -383,18 +439,25 @@ class Serving:
 
         async def body() -> AsyncIterator[str]:
             finished, track.finish = 0, [None] * len(reqs)
+            sent = [0] * len(reqs)                   # characters sent per choice (text_offset)
+            started = [False] * len(reqs)            # the echo goes with a choice's first chunk
             try:
                 async with aclosing(self._merged(reqs)) as merged:
                     async for i, c in merged:
                         self._first_token(track)
-                        if c.finish_reason is None and not c.text:
+                        first = not started[i]
+                        if (c.finish_reason is None and not c.text and not (prep.echo and first)
+                                and not (prep.logprobs and c.logprobs)) or \
+                                (prep.echo_only and not first and c.finish_reason is None):
                             continue
+                        started[i] = True
                         finished += c.finish_reason is not None
                         track.finish[i] = c.finish_reason or track.finish[i]
                         last = finished == len(reqs) and not prep.include_usage
-                        yield _sse(P.CompletionResponse(**base, choices=[P.CompletionChoice(
-                            index=i, text=c.text, finish_reason=c.finish_reason)],
-                            t2=self._report(d, reqs) if last else None))
+                        choice = self._completion_choice(prep, i, c.text, [c], c.finish_reason, sent[i], first)
+                        sent[i] += len(choice.text)
+                        yield _sse(P.CompletionResponse(**base, choices=[choice],
+                                                        t2=self._report(d, reqs) if last else None))
             finally:
                 self._record(track, prep, d, reqs)
             if prep.include_usage:

@@ -4,6 +4,11 @@ Contract:
 - An engine owns one base model, its tokenizer, its adaptable matrices and the experts loaded for it.
 - `generate(request)` streams `TokenChunk`s of one sequence, computed entirely under `request.adaptation`:
   an engine never computes a token of a request under another adaptation (the scheduler's invariant).
+  Log-probabilities, where `SamplingParams` asks for them, are the raw model's (log-softmax of the logits
+  before logit_bias, temperature and top_p: vLLM's default `logprobs_mode="raw_logprobs"`): a `TokenLogprob`
+  per token of `token_ids` (`logprobs=k`: also the top k), and the prompt's on the first chunk
+  (`prompt_logprobs=k`; the first prompt token has none: None). `logit_bias` is added to the logits that
+  are sampled from.
 - `score_labels(request)` is the dispatch pass: it returns, for each candidate continuation, its score,
   computed under `request.adaptation` in about one prefill (constrained, never free sampling).
 - `apply(adaptation)` makes the weights those of an adaptation (tests and benchmarks; serving lets the
@@ -39,6 +44,9 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None            # log p of each sampled token and of the top k (None: none)
+    prompt_logprobs: int | None = None     # the same for every prompt token (echo)
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias added to its logit)
 
     @property
     def greedy(self) -> bool:
@@ -88,10 +96,21 @@ class LabelScores:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """The raw model log-probability of one token, and the top alternatives at its position."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()    # (token id, log p), best first, k of them
+
+
+@dataclass(frozen=True)
 class TokenChunk:
     text: str                     # new text since the previous chunk (may be "" while bytes are pending)
     token_ids: tuple[int, ...]
     finish_reason: str | None = None   # "stop" | "length" | "abort" on the last chunk
+    logprobs: tuple[TokenLogprob, ...] | None = None      # one per token id (when asked for)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None   # first chunk only (when asked for)
 
 
 @dataclass(frozen=True)

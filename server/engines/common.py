@@ -2,8 +2,9 @@
 
 Contract:
 - `resolve_device` / `resolve_dtype`: `auto` = CUDA + bfloat16 when there is a GPU, else CPU + float32.
-- `load_experts(dir, ranks, fingerprint, base)`: every `*.safetensors` of the folder, each checked against the
-  base exactly as at runtime (`Expert.check_against`); a bad file raises ExpertError naming it.
+- `load_experts(dir, ranks, fingerprint, base, spectra)`: every `*.safetensors` of the folder, each checked
+  against the base exactly as at runtime (`Expert.check_against`, with the singular values `spectra` for the
+  rescale check); a bad file raises ExpertError naming it.
 - `check_servable(experts, adaptation)`: raises ExpertNotFound for the first expert of the mix not loaded.
 - `label_walk(prompt_ids, candidates)`: the first pass's constrained choice of a label, written once for all
   engines as a generator. It yields `(prefix_ids, allowed_token_ids)` and is sent back `{token: log p}` for
@@ -46,14 +47,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load_experts(experts_dir: Path | None, ranks: dict[str, int], fingerprint: str,
-                 base_model: str) -> dict[str, Expert]:
+                 base_model: str, spectra: Mapping[str, torch.Tensor] | None = None) -> dict[str, Expert]:
     """Every `*.safetensors` of `experts_dir`, each checked against the base; a bad file stops the start."""
     out: dict[str, Expert] = {}
     if experts_dir is None or not Path(experts_dir).is_dir():
         return out
     for path in sorted(Path(experts_dir).glob("*.safetensors")):
         e = Expert.load(path)
-        e.check_against(ranks, fingerprint, base_model)
+        e.check_against(ranks, fingerprint, base_model, spectra)
         out[e.name] = e
     return out
 

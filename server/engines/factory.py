@@ -6,7 +6,8 @@ Contract:
   Engines never see ServerConfig; the API layer never builds an engine itself.
 - `check_startup(cfg)` runs before the server binds its port: the model folder exists and holds a model
   (config.json), an experts folder that was asked for exists, and every expert file in it loads and fits the
-  base (the same `load_experts` check the engine repeats at start). A failure raises `StartupError` (or
+  base (the same `load_experts` check the engine repeats at start, with the singular values from the factor
+  cache, made here if missing, for the rescale check). A failure raises `StartupError` (or
   ExpertError, naming the file and tensor): `t2 serve` prints it as one line and exits non-zero.
 - `make_engine(cfg)` builds the engine the config names (its constructor does no model work; `start()` does).
   `import vllm` happens only on the `vllm` path (server/engines/vllm.py); the engine's constructor checks the
@@ -118,13 +119,20 @@ def check_startup(cfg: EngineConfig) -> None:
         if cfg.experts_required:
             raise StartupError(f"--experts {cfg.experts_dir}: no such folder")
         return
-    # 3. every expert file against the base: the engine's own check, from the checkpoint's headers only
+    # 3. every expert file against the base: the engine's own check, with the singular values for the rescale
+    #    check (the factor cache the engine uses: made here once if missing, then the engine only reads it)
     if cfg.experts_dir is not None and any(Path(cfg.experts_dir).glob("*.safetensors")):
+        import torch
+
+        from experts.svd import ensure_factors, read_spectra
         try:
             ranks, fingerprint = model_ranks(cfg.model_dir, cfg.targets), model_fingerprint(cfg.model_dir)
         except (OSError, ValueError, KeyError) as e:
             raise StartupError(f"--model {cfg.model_dir}: cannot read the checkpoint: {e}") from None
-        load_experts(cfg.experts_dir, ranks, fingerprint, cfg.name)
+        load_experts(cfg.experts_dir, ranks, fingerprint, cfg.name)        # the cheap checks first, then c
+        factors, _ = ensure_factors(cfg.model_dir, Path(cfg.cache_dir) / "factors" / cfg.model_dir.name, cfg.targets,
+                                    device="cuda" if torch.cuda.is_available() else "cpu")
+        load_experts(cfg.experts_dir, ranks, fingerprint, cfg.name, read_spectra(factors, ranks))
 
 
 def make_engine(cfg: EngineConfig) -> Engine:

@@ -39,7 +39,7 @@ from experts.svd import load_factors
 from server.engines.base import Engine, EngineHealth, GenerateRequest, LabelScores, ScoreRequest, TokenChunk
 from server.engines.detok import Detokenizer
 from server.engines.common import check_servable, label_walk, load_experts, resolve_device, resolve_dtype, walk_sync
-from server.engines.sampling import new_generator, sample
+from server.engines.sampling import new_generator, prompt_logprobs, sample, token_logprob
 from server.engines.scheduler import GENERATE, SCORE, Batch, Job, Scheduler
 from server.errors import Conflict, EngineUnavailable, ModelNotFound
 
@@ -110,7 +110,9 @@ class HFEngine(Engine):
         matrices = {n: SVFMatrix(n, self.model.get_parameter(n).data, f) for n, f in factors.items()}
         self.patcher = ModelPatcher(matrices, self.patch_cache_bytes)
         # 4. experts
-        self.experts = load_experts(self.experts_dir, self.patcher.ranks, self.fingerprint, self.model_name)
+        self.spectra = {n: f.s.detach().cpu() for n, f in factors.items()}   # [rank] each: the rescale check
+        self.experts = load_experts(self.experts_dir, self.patcher.ranks, self.fingerprint, self.model_name,
+                                    self.spectra)
         log.info("engine ready in %.1f s: %s (%s, %s, %s), %d adaptable matrices, experts: %s",
                  time.perf_counter() - t0, self.model_name, mtype, self.device, str(self.dtype).split(".")[-1],
                  len(matrices), ", ".join(f"{e.name}[{e.label}]" for e in self.experts.values()) or "none")
@@ -160,7 +162,7 @@ class HFEngine(Engine):
     async def load_expert(self, path: Path) -> Expert:
         """1. read + self-check the file (a thread); 2. check it against the base; 3. add it in the worker."""
         e = await asyncio.to_thread(Expert.load, Path(path))
-        e.check_against(self.patcher.ranks, self.fingerprint, self.model_name)
+        e.check_against(self.patcher.ranks, self.fingerprint, self.model_name, self.spectra)
 
         def add() -> Expert:
             if e.name in self.experts:
@@ -354,6 +356,11 @@ class HFEngine(Engine):
     def _prefill_rows(self, rows: list["_Row"]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
         cache = DynamicCache()
         logits, mask = self._prefill([r.req.prompt_ids for r in rows], cache)
+        for r in rows:                    # echo: the prompt's log-probabilities (one more prefill, all positions)
+            if r.req.params.prompt_logprobs is not None:
+                ids = torch.tensor([r.req.prompt_ids], device=self.device)
+                full = self.model(input_ids=ids, logits_to_keep=0).logits[0]          # [T, vocab]
+                r.prompt_lps = prompt_logprobs(full, r.req.prompt_ids, r.req.params.prompt_logprobs)
         return cache, logits, mask
 
     @staticmethod
@@ -377,6 +384,7 @@ class _Row:
         self.gen = new_generator(self.req.params.seed, device)
         self.count = 0
         self.req.stats.prompt_tokens = len(self.req.prompt_ids)
+        self.prompt_lps: tuple | None = None     # set by the prefill when the request asks (echo)
 
     def step(self, logits: torch.Tensor, eos_ids: set[int]) -> int | None:
         """Sample one token from `logits` [vocab] and stream it; None when the row is finished."""
@@ -389,14 +397,16 @@ class _Row:
         self.req.stats.completion_tokens = self.count
         finish, ids = None, (tok,)
         if tok in eos_ids and not p.ignore_eos:
-            text, finish, ids = self.detok.flush(), "stop", ()
+            text, finish = self.detok.flush(), "stop"      # the eos id is reported (as vLLM), never its text
         else:
             text, stopped = self.detok.push(tok)
             if stopped:
                 finish = "stop"
             elif self.count >= p.max_tokens:
                 text, finish = text + self.detok.flush(), "length"
-        self.job.sink.put(TokenChunk(text, ids, finish))
+        lps = None if p.logprobs is None else tuple(token_logprob(logits, t, p.logprobs) for t in ids)
+        plps, self.prompt_lps = self.prompt_lps, None          # on the first chunk only
+        self.job.sink.put(TokenChunk(text, ids, finish, lps, plps))
         return tok if finish is None else None
 
 

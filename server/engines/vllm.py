@@ -16,12 +16,18 @@ vllm_worker.py, does not). Contract:
   adaptations in one batch; each token's row is computed with its own adaptation's gains. No swap, no
   grouping: the invariant holds per token. Every request also carries `cache_salt` = its adaptation key.
   `max_loras` bounds the distinct adaptations of one batch (vLLM makes the others wait a step, LRU slots).
+- Engine arguments (`_engine_args`, no model work): ours (model, dtype, max_num_seqs, the worker extension,
+  prefix caching), then the parallelism/memory settings of EngineConfig (tensor/pipeline parallel size,
+  executor, max_model_len, GPU memory share, eager), then the LoRA settings of the mixed batches, then the
+  pass-through, checked in the constructor by `check_engine_args`; it never overrides what t2 sets.
 - Admission (server/engines/admission.py) only bounds the requests inside (429 beyond max_batch + max_queue)
   and counts them per adaptation, for the unload: `unload_expert` removes the expert at once (new requests
   for it: 404), waits for the requests of its adaptations (at most `unload_timeout_s`, then aborts them),
   then removes their LoRA ids from vLLM and their carriers.
 - `generate` maps our SamplingParams onto vLLM's (temperature 0 = greedy, top_p, seed, stop strings,
-  ignore_eos, max_tokens; n is n requests, one per choice) and streams vLLM's text deltas as TokenChunks.
+  ignore_eos, max_tokens, logprobs, prompt_logprobs, logit_bias; n is n requests, one per choice) and
+  streams vLLM's text deltas as TokenChunks, with vLLM's (raw) log-probabilities converted by
+  `sampling.from_ranked`.
 - `score_labels` is one prefill: a 1-token generation restricted (`allowed_token_ids`) to the candidates'
   first tokens, with the raw log-probabilities of exactly those tokens (`logprob_token_ids`); candidates that
   share a first token are told apart by one more such step each, like hf.py.
@@ -58,10 +64,11 @@ from vllm.v1.engine.async_llm import AsyncLLM
 
 from experts.expert import Expert
 from experts.mix import Adaptation, experts_of_key
-from experts.svd import MLP_TARGETS, checkpoint_names, ensure_factors, model_ranks, target_names
+from experts.svd import MLP_TARGETS, checkpoint_names, ensure_factors, model_ranks, read_spectra, target_names
 from server.engines.base import (Engine, EngineHealth, GenerateRequest, LabelScores, RequestStats,
                                  ScoreRequest, TokenChunk)
 from server.engines.admission import InFlight
+from server.engines.sampling import from_ranked
 from server.engines.vllm_carrier import PREFIX, Carriers, gains_of
 from server.engines.common import (check_servable, label_walk, load_experts, resolve_device, resolve_dtype,
                                    walk_async)
@@ -191,7 +198,8 @@ class VLLMEngine(Engine):
         cfg = AutoConfig.from_pretrained(self.model_dir)
         self.max_model_len = int(self._max_model_len or getattr(cfg, "max_position_embeddings", 2048))
         # 3. experts, checked against the base as in hf.py
-        self.experts = load_experts(self.experts_dir, ranks, self.fingerprint, self.model_name)
+        self.spectra = read_spectra(self._factors_file, ranks)       # [rank] each: the rescale check
+        self.experts = load_experts(self.experts_dir, ranks, self.fingerprint, self.model_name, self.spectra)
 
     def _modules(self) -> list[str]:
         """vLLM's (fused) module names of the targets, e.g. gate_up_proj, down_proj."""
@@ -303,7 +311,7 @@ class VLLMEngine(Engine):
     # -- runtime experts ----------------------------------------------------------------------------------------
     async def load_expert(self, path: Path) -> Expert:
         e = await asyncio.to_thread(Expert.load, Path(path))
-        e.check_against(model_ranks(self.model_dir, self.targets), self.fingerprint, self.model_name)
+        e.check_against(model_ranks(self.model_dir, self.targets), self.fingerprint, self.model_name, self.spectra)
         if e.name in self.experts:
             raise Conflict(f"expert {e.name!r} is already loaded; unload it first", "name")
         self.experts = {**self.experts, e.name: e}
@@ -366,17 +374,24 @@ class VLLMEngine(Engine):
         params = VSamplingParams(
             n=1, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed,
             stop=list(p.stop) or None, ignore_eos=p.ignore_eos, output_kind=RequestOutputKind.DELTA,
-            skip_special_tokens=True)
+            skip_special_tokens=True, logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs,
+            logit_bias=dict(p.logit_bias) or None)     # vLLM's logprobs: raw (its default logprobs_mode)
         request.stats.prompt_tokens = len(request.prompt_ids)
-        count = 0
+        count, prompt_sent = 0, p.prompt_logprobs is None
         async for out in self._run(request.prompt_ids, params, request.adaptation, request.stats):
             o = out.outputs[0]
             count += len(o.token_ids)
             request.stats.completion_tokens = count
             finish = o.finish_reason if out.finished else None
-            if finish is None and not o.text and not o.token_ids:
+            lps = plps = None
+            if p.logprobs is not None:
+                lps = tuple(from_ranked(st, t, p.logprobs) for st, t in zip(o.logprobs or (), o.token_ids))
+            if not prompt_sent and out.prompt_logprobs:
+                plps, prompt_sent = tuple(from_ranked(st, t, p.prompt_logprobs) if i else None for i, (st, t)
+                                          in enumerate(zip(out.prompt_logprobs, request.prompt_ids))), True
+            if finish is None and not o.text and not o.token_ids and plps is None:
                 continue
-            yield TokenChunk(o.text, tuple(o.token_ids), finish)
+            yield TokenChunk(o.text, tuple(o.token_ids), finish, lps, plps)
 
     async def score_labels(self, request: ScoreRequest) -> LabelScores:
         """Constrained choice (server.engines.common.label_walk), each of its steps a 1-token vLLM request."""

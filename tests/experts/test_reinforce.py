@@ -78,3 +78,43 @@ def test_the_mean_baseline_gives_no_update_when_every_answer_is_wrong(setup, tmp
         rows[baseline] = [t.step() for _ in range(2)]
     assert all(r["reward"] == -1 and r["grad_norm"] == 0 and r["loss"] == 0 for r in rows[True])
     assert all(r["reward"] == -1 and r["grad_norm"] > 0 for r in rows[False])
+
+
+def _classifier_task(label: str):
+    from experts.train.classifier import classification_task
+    prompts = Task("words", label, [Example(f"{a} {b} {c}", "") for a in WORDS for b in WORDS[:4] for c in WORDS[:2]],
+                   lambda t, e: False)
+    return classification_task([prompts])
+
+
+def test_choice_logprobs_with_the_shared_prefix_match_one_prompt_at_a_time(setup):
+    from experts.dispatch import LABELS
+    from experts.train.rollout import Rollouts
+    model, tok, factors, fp, _ = setup
+    task = _classifier_task("math")
+    r = Rollouts(model, tok)
+    prompts = r.prompts(task.examples[:5], task)
+    first = r.choice_tokens(prompts[0], LABELS)
+    batched = r.choice_logprobs(prompts, first, None)                                    # [5, 4]
+    with torch.no_grad():
+        single = torch.stack([torch.log_softmax(model(**tok(p, return_tensors="pt", add_special_tokens=False)
+                                                      ).logits[0, -1, first].float(), -1) for p in prompts])
+    assert torch.allclose(batched.detach(), single, atol=1e-4)
+
+
+def test_the_labels_objective_trains_the_choice_the_server_makes(setup, tmp_path):
+    """Cross-entropy over the labels' first tokens: a label the base rarely picks becomes the pick."""
+    from experts.dispatch import LABELS
+    from experts.train.rollout import Rollouts
+    model, tok, factors, fp, _ = setup
+    probe = _classifier_task("math")
+    r = Rollouts(model, tok)
+    prompts = r.prompts(probe.examples[:16], probe)
+    picks = r.choice_logprobs(prompts, r.choice_tokens(prompts[0], LABELS), None).argmax(-1).tolist()
+    rare = min(LABELS, key=lambda lab: picks.count(LABELS.index(lab)))
+    train, valid = _classifier_task(rare).split(16)
+    t = Trainer(model, tok, factors, train, valid, TrainConfig(steps=8, batch_size=8, lr=0.1, grad_clip=1.0,
+                val_every=4, val_size=16, objective="labels"), tmp_path / "run", expert_name="clf", label="classifier")
+    history = t.fit(progress=False)
+    assert history[0]["val_acc"] < 0.5 and t.best_acc > history[0]["val_acc"]
+    assert all(h["loss"] > 0 for h in history if "loss" in h)
