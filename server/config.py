@@ -53,6 +53,9 @@ class ServerConfig(BaseModel):
     max_queue: int = Field(1024, ge=1, description="Most waiting sequences; beyond, requests get 429.")
     patch_cache_mb: int = Field(
         1024, ge=0, description="Memory for recently used patched weights (hot swaps are a copy).")
+    max_loras: int = Field(
+        16, ge=1, le=1024, description="vllm engine: most distinct adaptations in one batch (slots of gain rows; "
+        "more wait a step, slots are recycled LRU).")
     default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request sets none.")
     max_n: int = Field(8, ge=1, description="Largest n a request may ask for.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")

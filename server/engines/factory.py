@@ -47,6 +47,7 @@ class VLLMOptions:
     gpu_memory_utilization: float = 0.85
     enforce_eager: bool | None = None                 # None: eager on a CPU, CUDA graphs on a GPU
     engine_args: Mapping[str, Any] = field(default_factory=dict)   # further AsyncEngineArgs, checked
+    max_loras: int = 16                               # most distinct adaptations in one batch (issue 10)
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,8 @@ class EngineConfig:
                 distributed_executor_backend=(None if config.distributed_executor_backend == "auto"
                                               else config.distributed_executor_backend),
                 max_model_len=config.max_model_len, gpu_memory_utilization=config.gpu_memory_utilization,
-                enforce_eager=config.enforce_eager, engine_args=dict(config.vllm_engine_args)))
+                enforce_eager=config.enforce_eager, engine_args=dict(config.vllm_engine_args),
+                max_loras=config.max_loras))
 
     def engine_kwargs(self) -> dict[str, Any]:
         """The keyword arguments every engine's constructor takes."""
@@ -146,6 +148,6 @@ def make_engine(cfg: EngineConfig) -> Engine:
                           pipeline_parallel_size=o.pipeline_parallel_size,
                           distributed_executor_backend=o.distributed_executor_backend,
                           max_model_len=o.max_model_len, gpu_memory_utilization=o.gpu_memory_utilization,
-                          enforce_eager=o.enforce_eager, engine_args=o.engine_args)
+                          enforce_eager=o.enforce_eager, engine_args=o.engine_args, max_loras=o.max_loras)
     from server.engines.hf import HFEngine
     return HFEngine(cfg.model_dir, **cfg.engine_kwargs(), max_adaptations=cfg.max_adaptations)

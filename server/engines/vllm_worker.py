@@ -1,23 +1,18 @@
-"""The patching side of the vLLM engine: a worker extension (mixed into each vLLM worker by
-`worker_extension_cls`) and the torch-only mapping it uses. Does not import vllm.
+"""The torch-only side of the vLLM engine's workers: where each HF matrix lives on a rank, and the worker
+extension that fills the factored layers (server/engines/vllm_layers.py) with their factors. Does not import
+vllm (vllm_layers.T2Worker, the class vLLM loads as `worker_extension_cls`, adds the layers to this).
 
 Contract:
 - vLLM calls the `t2_*` methods by name through `collective_rpc`, on every worker, with small arguments only
-  (file paths, expert names and mixing weights, a byte budget): tensors never cross the RPC.
-- `t2_init` maps every adapted HF matrix onto the worker's own parameter slice (`fused_slice`):
-  vLLM fuses `q/k/v_proj` into `qkv_proj` = [q; k; v] and `gate/up_proj` into `gate_up_proj` = [gate; up]
-  (the model's `packed_modules_mapping`) and, with tensor parallelism, keeps on each rank the rows of a
-  column-parallel layer (qkv, gate_up) and the columns of a row-parallel one (o_proj, down_proj). The worker
-  reads from the factor cache only its slice (rows of U, or columns of Vᵀ = rows of V; s whole), so no rank
-  composes the full matrix; and it holds the factors and a base copy on its own device (experts.patch).
-- Two write paths, detected per model: `copy` — the parameters are plain tensors (CUDA, unquantized): W' is
-  written in place with `param.data.copy_` into a view of the fused parameter (never reassigned, so CUDA
-  graphs stay valid); `reload` — the backend repacked the weights (vLLM's CPU backend: `.weight` is then
-  empty or of another shape): W' is composed into HF-shaped shadow tensors and handed to vLLM's own
-  `reload_weights(weights_iterator=..., is_checkpoint_format=True)`, all shards of a fused layer together.
-- `t2_apply(key, mix)` moves the weights to an adaptation through `ModelPatcher` (nothing / restore of the
-  base, bit for bit / copy of a cached W' / composition), with the LRU cache of patched weights bounded by
-  `patch_cache_mb`; it returns how and how long. The caller guarantees no request runs during the call.
+  (file paths, names): tensors never cross the RPC.
+- `fused_slice` places an HF matrix on a rank: vLLM fuses `q/k/v_proj` into `qkv_proj` = [q; k; v] and
+  `gate/up_proj` into `gate_up_proj` = [gate; up] (the model's `packed_modules_mapping`) and, with tensor
+  parallelism, keeps on each rank the rows of a column-parallel layer (qkv, gate_up) and the columns of a
+  row-parallel one (o_proj, down_proj).
+- `t2_init` reads from the factor cache, for every factored layer of this rank, only its slice (rows of U,
+  or columns of Vh; s whole) and `copy_`s U·diag(s) and Vh into the layer's persistent buffers. It returns
+  how many layers were wrapped, so the front process can check that vLLM wrapped what it expected.
+- `t2_stats` returns the step counters of the factored layers (vllm_layers.STEPS).
 """
 
 from __future__ import annotations
@@ -26,16 +21,12 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from safetensors import safe_open
 
-from experts.expert import Expert
-from experts.mix import Adaptation, mix_z
-from experts.patch import ModelPatcher, SVFMatrix
-from experts.svd import read_factor_slice, read_weights
+from experts.svd import read_factor_slice
 
 log = logging.getLogger("t2.engine.vllm.worker")
 
@@ -103,115 +94,91 @@ def fused_slice(hf_name: str, shapes: Mapping[str, tuple[int, int]], packed: Map
     return Placement(hf_name, param_name, COLUMN, offset, local_rows(leaf), (0, n))
 
 
-class SVFWorkerExtension:
-    """Mixed into vLLM's worker class: `self` is the worker (self.model_runner, self.rank, self.vllm_config)."""
+# -- the factored form and its slicing (the layers in vllm_layers.py run these; the lead unifies them with
+#    experts/factored.py of the embedded engine at merge) ---------------------------------------------------
+def local_factors(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, *, rows: tuple[int, int] | None = None,
+                  cols: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U·diag(s) of rows `rows`, Vh of columns `cols`) of W = U·diag(s)·Vh [m, n]: one rank's factors.
 
-    # -- RPC entry points ----------------------------------------------------------------------------------
-    def t2_init(self, model_dir: str, factors_file: str, names: list[str], expert_files: dict[str, str],
-                cache_bytes: int) -> dict[str, Any]:
-        """Build the patcher: 1. parameters and shapes; 2. placement; 3. write path; 4. matrices; 5. experts."""
+    Column-parallel: rows = this rank's output rows, cols None. Row-parallel: cols = this rank's input
+    columns, rows None. U [m, r], s [r], Vh [r, n] → ([m_local, r], [r, n_local])."""
+    us = U * s                                               # [m, r]
+    if rows is not None:
+        us = us[rows[0]:rows[1]]
+    vh = Vh if cols is None else Vh[:, cols[0]:cols[1]]
+    return us.contiguous(), vh.contiguous()
+
+
+def factored(x: torch.Tensor, vh: torch.Tensor, us: list[torch.Tensor], gains: torch.Tensor,
+             slots: torch.Tensor) -> torch.Tensor:
+    """Y = ((x·vhᵀ) ⊙ gains[slot]) · us_iᵀ per slice, concatenated. x [T, n], vh [Σr, n], us_i [m_i, r_i],
+    gains [S, Σr] fp32, slots [T] long in [0, S). Returns [T, Σm_i] in x's dtype."""
+    h = x @ vh.t()                                           # [T, Σr]
+    h = h * gains.index_select(0, slots).to(h.dtype)          # [T, Σr]
+    if len(us) == 1:
+        return h @ us[0].t()
+    outs, at = [], 0
+    for u in us:
+        r = u.shape[1]
+        outs.append(h[:, at:at + r] @ u.t())                 # [T, m_i]
+        at += r
+    return torch.cat(outs, dim=-1)
+
+
+class SVFWorkerExtension:
+    """Mixed into vLLM's worker class: `self` is the worker (self.model_runner, self.rank, self.vllm_config).
+
+    `_t2_layers(model)` ({module name: factored layer}) and `_t2_local_factors` come from the subclass
+    (vllm_layers.T2Worker), which can import vllm."""
+
+    def t2_init(self, factors_file: str) -> dict[str, Any]:
+        """1. the factored layers and TP coordinates; 2. shapes from the factor file; 3. copy each slice in."""
         t0 = time.perf_counter()
         model = self.model_runner.get_model()
-        # 1. parameters, HF shapes, tensor-parallel coordinates
-        params = dict(model.named_parameters())
+        # 1. layers, fused groups, tensor-parallel coordinates
+        layers = self._t2_layers(model)
         packed = dict(getattr(model, "packed_modules_mapping", {}) or {})
         tp_size = int(self.vllm_config.parallel_config.tensor_parallel_size)
         tp_rank = int(self.rank) % tp_size
         hf_cfg = self.vllm_config.model_config.hf_config
         head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
-        with safe_open(factors_file, framework="pt") as fh:
+        matrices = 0
+        with safe_open(factors_file, framework="pt") as fh, torch.no_grad():
+            # 2. full HF shapes of every matrix in the cache
+            keys = {k[:-2] for k in fh.keys() if k.endswith(".U")}
             shapes = {nm: (fh.get_slice(f"{nm}.U").get_shape()[0], fh.get_slice(f"{nm}.Vh").get_shape()[1])
-                      for nm in names}
-        shapes.update(_sibling_shapes(model_dir, names, packed))
-        # 2. placement of every matrix on this rank
-        places = {nm: fused_slice(nm, shapes, packed, tp_rank, tp_size, head_dim) for nm in names}
-        # 3. write path: in-place copy if every parameter is a plain tensor of the expected local shape
-        self._t2_repacked = any(not _plain(params.get(p.param_name), p, places.values()) for p in places.values())
-        dtype = self.vllm_config.model_config.dtype
-        if self._t2_repacked and tp_size > 1:
-            raise RuntimeError("t2: repacked weights (reload path) are only supported with tensor parallelism 1")
-        # 4. matrices: views into the live parameters, or HF-shaped shadows for the reload path
-        matrices: dict[str, SVFMatrix] = {}
-        self._t2_extra: dict[str, torch.Tensor] = {}
-        with safe_open(factors_file, framework="pt") as fh:
-            if self._t2_repacked:
-                base = read_weights(Path(model_dir), names)
-                for nm in names:
-                    shadow = base[nm].to(dtype)                                  # [m, n] checkpoint layout
-                    matrices[nm] = SVFMatrix(nm, shadow, read_factor_slice(fh, nm))
-                # shards of fused layers that are not adapted go along unchanged (vLLM loads fused layers whole)
-                extra = _siblings(names, packed) - set(names)
-                self._t2_extra = {k: v.to(dtype) for k, v in read_weights(Path(model_dir), extra).items()}
-            else:
-                for nm, p in places.items():
-                    live = params[p.param_name].data
-                    view = live.narrow(0, p.offset, p.local_shape[0]) if p.kind == COLUMN else live
-                    f = read_factor_slice(fh, nm, rows=p.rows if p.kind == COLUMN else None,
+                      for nm in keys}
+            # 3. every layer: its slices' factors, sliced for this rank, copied into its buffers
+            for i, (name, layer) in enumerate(sorted(layers.items())):
+                prefix, leaf = name.rsplit(".", 1)
+                hf_names = [f"{prefix}.{s}.weight" for s in packed.get(leaf, [leaf])]
+                missing = [h for h in hf_names if h not in shapes]
+                if missing:
+                    raise RuntimeError(f"t2: {name} is factored but the factor cache lacks {missing} "
+                                       "(targets must cover whole fused groups)")
+                us_all, vh_all = [], []
+                for h in hf_names:
+                    p = fused_slice(h, shapes, packed, tp_rank, tp_size, head_dim)
+                    f = read_factor_slice(fh, h, rows=p.rows if p.kind == COLUMN else None,
                                           cols=p.cols if p.kind == ROW else None)
-                    matrices[nm] = SVFMatrix(nm, view, f)                        # factors moved to the device
-        self._t2_patcher = ModelPatcher(matrices, cache_bytes)
-        # 5. experts (checked against the base by the front process)
-        self._t2_experts = {n: Expert.load(Path(p)) for n, p in expert_files.items()}
-        return {"path": "reload" if self._t2_repacked else "copy", "matrices": len(matrices),
-                "tp_rank": tp_rank, "tp_size": tp_size, "device": str(next(iter(params.values())).device),
+                    us, vh = self._t2_local_factors(f.U, f.s, f.Vh)
+                    us_all.append(us)
+                    vh_all.append(vh)
+                    matrices += 1
+                vh = torch.cat(vh_all)
+                if tuple(vh.shape) != tuple(layer.vh.shape) or any(
+                        tuple(u.shape) != tuple(b.shape) for u, b in zip(us_all, layer.t2_us)):
+                    raise RuntimeError(f"t2: factor shapes of {name} ({[tuple(u.shape) for u in us_all]}, "
+                                       f"{tuple(vh.shape)}) do not match the layer's buffers "
+                                       f"({[tuple(b.shape) for b in layer.t2_us]}, {tuple(layer.vh.shape)})")
+                layer.vh.copy_(vh)
+                for u, b in zip(us_all, layer.t2_us):
+                    b.copy_(u)
+                layer.t2_count = i == 0
+        dev = next(iter(layers.values())).vh.device if layers else None
+        return {"wrapped": len(layers), "matrices": matrices, "tp_rank": tp_rank, "tp_size": tp_size,
+                "device": str(dev), "dense_ok": bool(layers) and all(m.t2_dense_ok for m in layers.values()),
                 "ms": (time.perf_counter() - t0) * 1e3}
 
-    def t2_apply(self, key: str, mix: list[tuple[str, float]]) -> dict[str, Any]:
-        """Make the weights those of adaptation `key` (= Adaptation(mix).key); returns how and how long."""
-        t0 = time.perf_counter()
-        adaptation = Adaptation(tuple((str(n), float(w)) for n, w in mix))
-        with torch.no_grad():
-            report = self._t2_patcher.apply(key, lambda: mix_z(self._t2_experts, adaptation))
-            reload_ms = 0.0
-            if self._t2_repacked and report.how != "noop":
-                t1 = time.perf_counter()
-                self._t2_reload()
-                reload_ms = (time.perf_counter() - t1) * 1e3
-        return {"key": key, "how": report.how, "patch_ms": report.ms, "reload_ms": reload_ms,
-                "ms": (time.perf_counter() - t0) * 1e3}
-
-    # -- the reload path --------------------------------------------------------------------------------------
-    def _t2_reload(self) -> None:
-        weights = [(n, m.param) for n, m in self._t2_patcher.matrices.items()] + list(self._t2_extra.items())
-        # vLLM warns about every layer and weight we did not pass (all but the adapted ones): expected here
-        quiet = [logging.getLogger(f"vllm.model_executor.model_loader.reload.{m}") for m in ("inplace", "layerwise")]
-        levels = [q.level for q in quiet]
-        for q in quiet:
-            q.setLevel(logging.ERROR)
-        try:
-            self.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
-        finally:
-            for q, level in zip(quiet, levels):
-                q.setLevel(level)
-
-
-def _plain(param: torch.Tensor | None, p: Placement, all_places) -> bool:
-    """A plain parameter: 2-D, of the local fused shape this placement implies (else it was repacked)."""
-    if param is None or param.dim() != 2 or param.numel() == 0:
-        return False
-    rows = sum(q.local_shape[0] for q in all_places if q.param_name == p.param_name) if p.kind == COLUMN else None
-    if p.kind == COLUMN:
-        return param.shape[1] == p.local_shape[1] and param.shape[0] >= rows
-    return tuple(param.shape) == p.local_shape
-
-
-def _siblings(names: list[str], packed: Mapping[str, list[str]]) -> set[str]:
-    """Every HF matrix that shares a fused parameter with one of `names` (names included)."""
-    out = set(names)
-    for nm in names:
-        prefix, leaf = _LEAF.match(nm).groups()
-        for parts in packed.values():
-            if leaf in parts:
-                out.update(f"{prefix}.{s}.weight" for s in parts)
-    return out
-
-
-def _sibling_shapes(model_dir: str, names: list[str], packed: Mapping[str, list[str]]) -> dict[str, tuple[int, int]]:
-    from experts.svd import safetensors_files
-    want = _siblings(names, packed)
-    out: dict[str, tuple[int, int]] = {}
-    for f in safetensors_files(Path(model_dir)):
-        with safe_open(str(f), framework="pt") as fh:
-            for k in want.intersection(fh.keys()):
-                out[k] = tuple(fh.get_slice(k).get_shape())
-    return out
+    def t2_stats(self) -> dict[str, Any]:
+        return self._t2_step_stats()

@@ -30,7 +30,7 @@ def test_every_vllm_flag_reaches_async_engine_args(tiny_model_dir, tmp_path):
     assert (a.max_model_len, a.gpu_memory_utilization, a.enforce_eager) == (96, 0.42, False)
     assert (a.max_num_batched_tokens, a.block_size, a.kv_cache_dtype) == (512, 32, "auto")
     # ours are untouched by the flags
-    assert a.model == str(tiny_model_dir) and a.worker_extension_cls.endswith("SVFWorkerExtension")
+    assert a.model == str(tiny_model_dir) and a.worker_extension_cls.endswith("T2Worker")
 
 
 def test_the_defaults(tiny_model_dir, tmp_path):
