@@ -40,6 +40,8 @@ def scraped(client, live):
                                        max_tokens=3, extra_body=extra)
     client.chat.completions.create(model=f"{live.engine.model_name}:math",
                                    messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                                   response_format={"type": "json_object"})        # a constrained request
     for _ in client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}],
                                             max_tokens=3, stream=True):
         pass
