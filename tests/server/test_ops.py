@@ -11,8 +11,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import free_port, serve
+from tests.live import spawn_server
 
 MSG = [{"role": "user", "content": "What is 17 + 25?"}]
 KEY, ADMIN = "sk-test-key", "adm-test-key"
@@ -434,22 +433,9 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_model_dir, tiny_exp
     port = free_port()
     shutil.copytree(tiny_experts_dir, tmp_path / "experts")
     env = {**os.environ, "T2_MODEL": str(tiny_model_dir), "T2_EXPERTS": str(tmp_path / "experts"),
-           "T2_CACHE_DIR": str(tmp_path / "cache"), "T2_PORT": str(port), "T2_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env,
-                            cwd=Path(__file__).resolve().parents[2],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+           "T2_CACHE_DIR": str(tmp_path / "cache"), "T2_LOG_LEVEL": "warning"}
+    proc, url = spawn_server(env, port)
     try:
-        deadline = time.monotonic() + 300          # a cold start on a loaded 2-core machine can take minutes
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
         got: dict = {}
 
         def consume():
