@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from experts.expert import Expert
+from experts.factored import gains_of as factored_gains
 from experts.mix import Adaptation, mix_z
 
 PREFIX = "t2:"            # LoRA names are "t2:<adaptation key>"
@@ -32,13 +33,9 @@ PREFIX = "t2:"            # LoRA names are "t2:<adaptation key>"
 
 def gains_of(experts: Mapping[str, Expert], adaptation: Adaptation,
              spectra: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """{HF matrix name: g [r] fp32} for an adaptation (empty for the base)."""
-    out: dict[str, torch.Tensor] = {}
-    for name, z in mix_z(experts, adaptation).items():
-        s = spectra[name].to(torch.float32)
-        z = z.to(torch.float32)
-        out[name] = (s.sum() / (s * z).sum()) * z
-    return out
+    """{HF matrix name: g [r] fp32} for an adaptation (empty for the base): experts.factored's gains, the same
+    g = c·z' (and the same check of c) as the embedded engine's gain slots."""
+    return factored_gains(spectra, mix_z(experts, adaptation))
 
 
 def digest(gains: Mapping[str, torch.Tensor]) -> str:

@@ -94,8 +94,8 @@ def fused_slice(hf_name: str, shapes: Mapping[str, tuple[int, int]], packed: Map
     return Placement(hf_name, param_name, COLUMN, offset, local_rows(leaf), (0, n))
 
 
-# -- the factored form and its slicing (the layers in vllm_layers.py run these; the lead unifies them with
-#    experts/factored.py of the embedded engine at merge) ---------------------------------------------------
+# -- the factored form per token and its slicing (the layers in vllm_layers.py run these; the gains come from
+#    experts/factored.py, as the embedded engine's; its fused per-row MLP is server/engines/hf_factored.py) ---
 def local_factors(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, *, rows: tuple[int, int] | None = None,
                   cols: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(U·diag(s) of rows `rows`, Vh of columns `cols`) of W = U·diag(s)·Vh [m, n]: one rank's factors.
