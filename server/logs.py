@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -37,11 +38,24 @@ def formatter(fmt: LogFormat) -> logging.Formatter:
     return JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
 
 
+class _Stderr(logging.StreamHandler):
+    """A StreamHandler on whatever sys.stderr is when it writes (not the one it was made with: a caller that
+    swaps stderr for a while, as a test runner does, must not leave the root logger on a closed file)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def configure(level: str, fmt: LogFormat = "text") -> None:
     if fmt == "json":     # progress bars are not log lines (the SVD's shows on a terminal only anyway)
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
-    handler = logging.StreamHandler()
+    handler = _Stderr()
     handler.setFormatter(formatter(fmt))
     root = logging.getLogger()
     root.handlers[:] = [handler]
