@@ -57,7 +57,8 @@ def test_chat_logprobs_are_the_raw_model_log_probabilities(client, direct):
         assert c.top_logprobs[0].logprob == pytest.approx(c.logprob, abs=1e-6)   # greedy: the best one
     # logprobs without top_logprobs: the tokens' own, no alternatives; without logprobs: none
     r0 = client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=6, temperature=0, logprobs=True)
-    assert [c.logprob for c in r0.choices[0].logprobs.content] == pytest.approx([c.logprob for c in content], abs=1e-5)
+    # (abs 1e-4: either request may run dense or factored, which differ by fp32 rounding only)
+    assert [c.logprob for c in r0.choices[0].logprobs.content] == pytest.approx([c.logprob for c in content], abs=1e-4)
     assert all(c.top_logprobs == [] for c in r0.choices[0].logprobs.content)
     assert client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=2, temperature=0).choices[0].logprobs is None
 
