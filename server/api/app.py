@@ -417,6 +417,10 @@ async def health(request: Request):
 @router.get("/metrics", response_class=Response,
             responses={200: {"content": {CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}}}})
 async def metrics(request: Request):
+    try:   # current step counters (an RPC between two engine steps); a slow or failed one keeps the last ones
+        await asyncio.wait_for(request.app.state.engine.refresh_health(), timeout=1.0)
+    except Exception:  # noqa: BLE001 - metrics are best-effort; engine faults show in t2_engine_healthy
+        pass
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
 
 

@@ -171,6 +171,10 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def health(self) -> EngineHealth: ...
 
+    async def refresh_health(self) -> None:
+        """Bring what `health()` reports up to date where the engine keeps it elsewhere (the vLLM engine's step
+        counters live in its worker processes); GET /metrics awaits it before rendering. Default: nothing."""
+
     async def load_expert(self, path: Path) -> Expert:
         """Load and check one expert file (as at startup) and make it servable; returns it."""
         raise EngineUnavailable("loading experts at runtime is not supported by this engine")

