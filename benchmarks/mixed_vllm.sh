@@ -8,7 +8,7 @@
 # mixed/one >= 0.80, TTFT p50 mixed <= 1.5x one, auto/one >= 0.60; and, when MAIN_CHECKOUT is given, the
 # one-adaptation throughput of that checkout's engine ("today") in the same run (target: ours >= 0.95 of it).
 set -u
-MAIN=${1:-}; N=${N:-32}; export T2_VENV=${T2_VENV:-.venv}; PY=$T2_VENV/bin/python
+MAIN=${1:-}; N=${N:-32}; export T2_VENV=$(readlink -f "${T2_VENV:-.venv}"); PY=$T2_VENV/bin/python
 PROBE=${PROBE:-$( [ -f ../shared/probes/mixed_vs_one.sh ] && echo ../shared/probes/mixed_vs_one.sh || echo /work/shared/probes/mixed_vs_one.sh)}
 PROBE=$(readlink -f "$PROBE"); ROOT=$PWD; W=$(mktemp -d)
 MODEL=${TOK:-$HOME/.cache/t2/models/SmolLM2-135M-Instruct}
@@ -28,6 +28,9 @@ PY
 field() { grep "^$2:" "$1" | sed -E "s/.* ([0-9.]+) tok\/s, TTFT p50 ([0-9]+) ms.*/\\$3/"; }
 run() {  # tag clients experts_dir [dir]
   local tag=$1 c=$2 ex=$3 dir=${4:-$ROOT}
+  # the previous server may still be shutting down (the probe does not wait for it): wait for its port
+  for _ in $(seq 1 60); do curl -sf localhost:${PORT:-18690}/health >/dev/null 2>&1 || break; sleep 1; done
+  sleep 2
   (cd "$dir" && T2_EXPERTS=$ex T2_MAX_LORAS=16 OUT=$(mktemp -d) bash "$PROBE" vllm "$c" "$N") > "$W/$tag.txt" 2>&1
 }
 report() {  # tag label
@@ -40,7 +43,7 @@ report() {  # tag label
 if [ -n "$MAIN" ]; then run main8 8 "$W/e3" "$MAIN"; fi
 for ck in "8 3" "32 15" "8 15" "32 3"; do set -- $ck; run "c${1}k$2" "$1" "$W/e$2"; done
 echo "vLLM engine, SmolLM2-135M fp32, $N requests x 64 tokens, vllm bench serve (one = the base id; mixed = random over base + experts)"
-[ -n "$MAIN" ] && report main8 "today's engine ($MAIN), 8 clients, 4 adaptations"
+[ -n "$MAIN" ] && report main8 "engine before mixed batches ($MAIN), 8 clients, 4 adaptations"
 for c in 8 32; do for k in 3 15; do report "c${c}k$k" "$c clients, $((k + 1)) adaptations"; done; done
 if [ -n "$MAIN" ]; then
   a=$(field "$W/main8.txt" one 1); b=$(field "$W/c8k3.txt" one 1)
