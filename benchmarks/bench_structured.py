@@ -22,8 +22,11 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,13 +34,56 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+import httpx  # noqa: E402
+import torch  # noqa: E402
 from openai import AsyncOpenAI  # noqa: E402
 
-from benchmarks.bench_vllm import PlainVLLM, free_port  # noqa: E402
 from tests.live import LiveServer  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
 from server.engines.structured import Constraint, Grammars  # noqa: E402
 from tests import structured_checks as C  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class PlainVLLM:
+    """`python -m vllm.entrypoints.openai.api_server` in a subprocess (the `vllm` command fails on vllm-cpu),
+    eager on a CPU as our engine runs there."""
+
+    def __init__(self, model_dir: Path, name: str, dtype: str, max_batch: int):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+                    "--served-model-name", name, "--dtype", dtype, "--port", str(self.port),
+                    "--host", "127.0.0.1", "--max-num-seqs", str(max_batch), "--disable-log-stats"]
+        if not torch.cuda.is_available():
+            self.cmd.append("--enforce-eager")
+
+    def __enter__(self):
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm api_server exited; see {self.log.name}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise RuntimeError("vllm api_server did not start in 600 s")
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 CHECKS = ["openai_parse", "json_schema_and_object", "max_tokens_cut_is_length", "vllm_structured_outputs",
           "tool_choice_required_and_named", "tool_history", "streamed_tool_calls_reassemble", "langchain",
