@@ -181,6 +181,9 @@ def eval_(url: str = typer.Option("http://127.0.0.1:8000", help="A running t2 se
                                              "after the accuracy phase, for the cost of the two passes."),
           own_task: bool = typer.Option(False, help="Run each expert only on the tasks of its label and "
                                         "each profile only on its own task (base and strategies on all)."),
+          time_budget: float = typer.Option(0, help="Minutes after which no new accuracy request is sent "
+                                            "(0: none); requests go out example by example, so the cells "
+                                            "stay paired over the examples answered by then."),
           from_json: Optional[Path] = typer.Option(None, help="Redraw the report of an earlier eval.json "
                                                    "(no server needed)."),
           api_key: Optional[str] = typer.Option(None, envvar="T2_API_KEY"),
@@ -211,7 +214,7 @@ def eval_(url: str = typer.Option("http://127.0.0.1:8000", help="A running t2 se
     except (ValueError, OSError) as e:
         _fail(e)
     cells = asyncio.run(evaluate(url, tasks, limit, max_tokens, concurrency, api_key, own_task=own_task,
-                                 timing=timing_samples))
+                                 timing=timing_samples, time_budget=time_budget))
     md = report(cells, out, " ".join(["t2"] + sys.argv[1:]))
     typer.echo(md.read_text())
 
