@@ -17,9 +17,10 @@ are left out of the JSON and shown as "—".
 Every cell keeps its per-example correctness (`per_example`: 1 / 0 in example order, None for an example not
 answered), so each variant is compared with `base` by an exact McNemar test on the same examples (the
 p-value next to the interval), and a "mixed" table pools all tasks into one unlabelled held-out set: base
-against the `auto` strategies, paired over the pooled examples. Requests go out example by example (every
-task and variant of example i before example i + 1), so `time_budget` (minutes: after it no new accuracy
-request is sent) leaves cells that are still paired, each over the examples answered by then.
+against the `auto` strategies, paired over the pooled examples. Requests go out task by task in the order
+given and, within a task, example by example (every variant of example i before example i + 1), so
+`time_budget` (minutes: after it no new accuracy request is sent) cuts the last tasks first and leaves
+cells that are still paired, each over the examples answered by then.
 Writes `eval.json` (every cell with its raw counts, per-example results and times), `eval.md` (tables) and
 `eval.png` (accuracy with intervals, the mixed set included) to the output folder; `load_cells(eval.json)` reads the cells back, so the report can be
 redrawn without querying the server again (`t2 eval --from-json`); files written before `per_example`
@@ -175,10 +176,9 @@ async def evaluate(url: str, tasks: list[tuple[Any, str]], limit: int, max_token
                 print(f"eval {done}/{total} ({rate:.2f} answers/s, about {(total - done) / rate / 60:.0f} min "
                       f"left)", flush=True)
 
-        # example-major: every (task, variant) of example i is queued before example i + 1
-        longest = max((min(limit, len(t.examples)) for t, _, _ in pairs), default=0)
-        await asyncio.gather(*(one(t, label, v, i) for i in range(longest) for t, label, v in pairs
-                               if i < min(limit, len(t.examples))))
+        # task by task in the order given; within a task every variant of example i before example i + 1
+        await asyncio.gather(*(one(t, label, v, i) for t, label in tasks for i in range(min(limit, len(t.examples)))
+                               for u, _, v in pairs if u is t))
         if progress and done < total:
             print(f"eval stopped by the time budget after {done}/{total} answers", flush=True)
 

@@ -182,8 +182,9 @@ def eval_(url: str = typer.Option("http://127.0.0.1:8000", help="A running t2 se
           own_task: bool = typer.Option(False, help="Run each expert only on the tasks of its label and "
                                         "each profile only on its own task (base and strategies on all)."),
           time_budget: float = typer.Option(0, help="Minutes after which no new accuracy request is sent "
-                                            "(0: none); requests go out example by example, so the cells "
-                                            "stay paired over the examples answered by then."),
+                                            "(0: none); requests go out task by task in the order given, "
+                                            "example by example within a task, so the cells stay paired "
+                                            "over the examples answered by then."),
           from_json: Optional[Path] = typer.Option(None, help="Redraw the report of an earlier eval.json "
                                                    "(no server needed)."),
           api_key: Optional[str] = typer.Option(None, envvar="T2_API_KEY"),

@@ -25,6 +25,8 @@ def test_eval_reports_every_variant_with_intervals_and_routing(live, tmp_path):
         strategy = x["variant"].startswith("T2")
         assert (x["routing_accuracy"] is not None) == strategy
         assert x["correct"] == round(x["accuracy"] * 4)
+        assert len(x["per_example"]) == 4 and set(x["per_example"]) <= {0, 1}    # in example order
+        assert sum(x["per_example"]) == x["correct"]
         if strategy:            # the timing phase: 2 sequential requests per task and strategy
             assert len(x["first_ms"]) == len(x["second_ms"]) == len(x["patch_ms"]) == 2
             assert x["first_pass_ms"] > 0 and x["second_pass_ms"] > 0
@@ -32,6 +34,7 @@ def test_eval_reports_every_variant_with_intervals_and_routing(live, tmp_path):
             assert x["first_ms"] == [] and x["first_pass_ms"] is None
     md = (tmp_path / "eval" / "eval.md").read_text()
     assert "Routing accuracy" in md and "| T2 classifier |" in md and "one request at a time" in md
+    assert "Mixed held-out set (math, arc pooled" in md and " p=" in md
     assert (tmp_path / "eval" / "eval.png").stat().st_size > 0
 
     # the report redrawn from eval.json alone: the same tables, the command of the run that measured them
@@ -40,6 +43,17 @@ def test_eval_reports_every_variant_with_intervals_and_routing(live, tmp_path):
     assert r2.exit_code == 0, r2.output
     assert (tmp_path / "again" / "eval.md").read_text() == md
     assert json.loads((tmp_path / "again" / "eval.json").read_text()) == rows
+
+
+def test_a_spent_time_budget_sends_nothing_more(live, tmp_path):
+    import asyncio
+
+    from clients.evaluate import evaluate
+    from experts.tasks import load_task
+    from experts.tasks.generate import write
+    task = load_task("gsm8k", write("arithmetic", tmp_path / "math.jsonl", 4, seed=0))
+    cells = asyncio.run(evaluate(live.url, [(task, "math")], 4, 3, 2, progress=False, time_budget=1e-9))
+    assert cells == []                                   # the budget was over before the first request
 
 
 def test_eval_with_limit_0_only_times_the_two_passes(live, tmp_path):
