@@ -14,9 +14,17 @@ With `limit` 0 only the timing phase runs.
 With `own_task`, an expert is only run on the tasks of its label and a profile only on the task it was made
 for (Table 1 of the paper is that diagonal); base and strategies always run on every task. Cells not run
 are left out of the JSON and shown as "—".
-Writes `eval.json` (every cell with its raw counts and times), `eval.md` (tables) and `eval.png` (accuracy
-with intervals) to the output folder; `load_cells(eval.json)` reads the cells back, so the report can be
-redrawn without querying the server again (`t2 eval --from-json`).
+Every cell keeps its per-example correctness (`per_example`: 1 / 0 in example order, None for an example not
+answered), so each variant is compared with `base` by an exact McNemar test on the same examples (the
+p-value next to the interval), and a "mixed" table pools all tasks into one unlabelled held-out set: base
+against the `auto` strategies, paired over the pooled examples. Requests go out task by task in the order
+given and, within a task, example by example (every variant of example i before example i + 1), so
+`time_budget` (minutes: after it no new accuracy request is sent) cuts the last tasks first and leaves
+cells that are still paired, each over the examples answered by then.
+Writes `eval.json` (every cell with its raw counts, per-example results and times), `eval.md` (tables) and
+`eval.png` (accuracy with intervals, the mixed set included) to the output folder; `load_cells(eval.json)` reads the cells back, so the report can be
+redrawn without querying the server again (`t2 eval --from-json`); files written before `per_example`
+existed load too, and their p-values show as "—".
 Evaluating through HTTP measures what users get: dispatch, scheduling and patching included.
 """
 
@@ -35,6 +43,17 @@ import httpx
 
 
 STRATEGY = "T2 "                    # display names of the dispatch strategies: "T2 prompt", "T2 classifier"
+MIXED = "mixed (all tasks)"         # the pooled task of the mixed table
+
+
+def mcnemar(a: list[int | None], b: list[int | None]) -> tuple[float, int, int]:
+    """Exact McNemar test of two paired 0/1 sequences (examples where either is None are skipped): the
+    two-sided binomial p of the discordant pairs, and their counts (only-a right, only-b right)."""
+    only_a = sum(1 for x, y in zip(a, b) if x is not None and y is not None and x > y)
+    only_b = sum(1 for x, y in zip(a, b) if x is not None and y is not None and y > x)
+    n = only_a + only_b
+    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2 ** n
+    return min(1.0, 2 * tail), only_a, only_b
 
 
 @dataclass
@@ -47,6 +66,7 @@ class Cell:
     first_ms: list[float] = field(default_factory=list)    # timing phase (sequential requests) only
     second_ms: list[float] = field(default_factory=list)
     patch_ms: list[float] = field(default_factory=list)
+    per_example: list[int | None] | None = None    # 1 / 0 per example in order (None: not answered / not kept)
 
     @property
     def is_strategy(self) -> bool:
@@ -106,7 +126,7 @@ def _runs_on(scope: tuple[str, str] | None, task: Any, label: str) -> bool:
 
 async def evaluate(url: str, tasks: list[tuple[Any, str]], limit: int, max_tokens: int, concurrency: int,
                    api_key: str | None = None, progress: bool = True, own_task: bool = False,
-                   timing: int = 0) -> list[Cell]:
+                   timing: int = 0, time_budget: float = 0) -> list[Cell]:
     """1. what the server offers; 2. every (task, variant, example) as a greedy request, `concurrency` at a
     time, graded; 3. the timing phase: `timing` examples per (task, strategy), one request at a time."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -117,10 +137,13 @@ async def evaluate(url: str, tasks: list[tuple[Any, str]], limit: int, max_token
         offered = _offered(r.json()["data"])
         pairs = [(t, label, v) for t, label in tasks for v, (_, _, scope) in offered.items()
                  if not own_task or _runs_on(scope, t, label)]
-        cells = {(t.name, v): Cell(t.name, v) for t, _, v in pairs}
+        cells = {(t.name, v): Cell(t.name, v, per_example=[None] * min(limit, len(t.examples)))
+                 for t, _, v in pairs}
         strategies = [(t, label, v) for t, label, v in pairs if cells[(t.name, v)].is_strategy]
         sem = asyncio.Semaphore(concurrency)
         done, total = 0, sum(min(limit, len(t.examples)) for t, _, _ in pairs)
+        start = time.monotonic()
+        stop_at = start + time_budget * 60 if time_budget else math.inf
 
         async def ask(task: Any, variant: str, example: Any) -> tuple[dict, float]:
             model, extra, _ = offered[variant]
@@ -133,21 +156,31 @@ async def evaluate(url: str, tasks: list[tuple[Any, str]], limit: int, max_token
             return resp.json(), wall
 
         # 2. accuracy and routing
-        async def one(task: Any, label: str, variant: str, example: Any) -> None:
+        async def one(task: Any, label: str, variant: str, i: int) -> None:
             nonlocal done
             async with sem:
-                out, _ = await ask(task, variant, example)
+                if time.monotonic() > stop_at:          # the time budget is spent: send nothing new
+                    return
+                out, _ = await ask(task, variant, task.examples[i])
             cell = cells[(task.name, variant)]
+            ok = task.correct(out["choices"][0]["message"]["content"] or "", task.examples[i])
             cell.n += 1
-            cell.correct += task.correct(out["choices"][0]["message"]["content"] or "", example)
+            cell.correct += ok
+            cell.per_example[i] = int(ok)
             rep = out.get("t2") or {}
             if rep.get("label") is not None:
                 cell.routed += rep["label"] == label
             done += 1
-            if progress and (done % 10 == 0 or done == total):
-                print(f"eval {done}/{total}", flush=True)
+            if progress and (done % 20 == 0 or done == total):
+                rate = done / (time.monotonic() - start)
+                print(f"eval {done}/{total} ({rate:.2f} answers/s, about {(total - done) / rate / 60:.0f} min "
+                      f"left)", flush=True)
 
-        await asyncio.gather(*(one(t, label, v, e) for t, label, v in pairs for e in t.examples[:limit]))
+        # task by task in the order given; within a task every variant of example i before example i + 1
+        await asyncio.gather(*(one(t, label, v, i) for t, label in tasks for i in range(min(limit, len(t.examples)))
+                               for u, _, v in pairs if u is t))
+        if progress and done < total:
+            print(f"eval stopped by the time budget after {done}/{total} answers", flush=True)
 
         # 3. the two passes' cost, one request at a time
         for k, (task, _, variant) in enumerate(strategies):
@@ -166,7 +199,41 @@ async def evaluate(url: str, tasks: list[tuple[Any, str]], limit: int, max_token
 def load_cells(path: Path) -> list[Cell]:
     """The cells of an eval.json written by `report`."""
     return [Cell(x["task"], x["variant"], x["n"], x["correct"], x["routed"], x["first_ms"], x["second_ms"],
-                 x["patch_ms"]) for x in json.loads(Path(path).read_text())]
+                 x["patch_ms"], x.get("per_example")) for x in json.loads(Path(path).read_text())]
+
+
+def paired_p(base: Cell | None, other: Cell) -> float | None:
+    """McNemar p of `other` against `base` on the same examples; None when either has no per-example
+    results (an eval.json from before they were kept) or they are not over the same examples."""
+    if base is None or base.per_example is None or other.per_example is None:
+        return None
+    if len(base.per_example) != len(other.per_example):
+        return None
+    return mcnemar(base.per_example, other.per_example)[0]
+
+
+def pooled(cells: list[Cell], variants: tuple[str, ...] = ("base", STRATEGY + "prompt", STRATEGY + "classifier")
+           ) -> tuple[list[str], list[Cell]]:
+    """The mixed set: (the tasks pooled, one cell per variant of `variants` that ran) over the tasks every
+    one of them ran on, the per-example results concatenated in task order (None when a cell has none).
+    Nothing when base or every strategy is missing."""
+    by = {(c.task, c.variant): c for c in cells if c.n}
+    present = [v for v in variants if any(k[1] == v for k in by)]
+    tasks = [t for t in dict.fromkeys(c.task for c in cells if c.n) if all((t, v) in by for v in present)]
+    if "base" not in present or len(present) < 2 or not tasks:
+        return [], []
+    out = []
+    for v in present:
+        parts = [by[(t, v)] for t in tasks]
+        lists = [c.per_example for c in parts]
+        out.append(Cell(MIXED, v, sum(c.n for c in parts), sum(c.correct for c in parts),
+                        sum(c.routed for c in parts),
+                        per_example=None if any(x is None for x in lists) else [y for x in lists for y in x]))
+    return tasks, out
+
+
+def _p(p: float | None) -> str:
+    return "—" if p is None else (f"{p:.2g}" if p < 0.001 else f"{p:.3f}")
 
 
 def report(cells: list[Cell], out_dir: Path, command: str = "") -> Path:
@@ -178,16 +245,22 @@ def report(cells: list[Cell], out_dir: Path, command: str = "") -> Path:
          "routing_accuracy": c.routed / c.n if c.is_strategy and c.n else None,
          "first_pass_ms": statistics.median(c.first_ms) if c.first_ms else None,
          "second_pass_ms": statistics.median(c.second_ms) if c.second_ms else None,
-         "first_ms": c.first_ms, "second_ms": c.second_ms, "patch_ms": c.patch_ms} for c in cells], indent=1))
+         "first_ms": c.first_ms, "second_ms": c.second_ms, "patch_ms": c.patch_ms,
+         "per_example": c.per_example} for c in cells], indent=1))
     # 1. accuracy: variants × tasks (cells with no graded answers are not shown)
     measured = [c for c in cells if c.n]
     tasks = list(dict.fromkeys(c.task for c in measured))
     names = list(dict.fromkeys(c.variant for c in measured))
     by = {(c.task, c.variant): c for c in measured}
     lines = [f"Made by: `{command}`\n" if command else ""]
+
+    def shown(c: Cell) -> str:
+        lo, hi = c.wilson()
+        return f"{100 * c.acc:.1f} [{100 * lo:.0f}, {100 * hi:.0f}] (n={c.n})"
+
     if measured:
-        lines += ["## Accuracy (%, 95 % Wilson interval)\n", "| variant | " + " | ".join(tasks) + " |",
-                  "|---|" + "---|" * len(tasks)]
+        lines += ["## Accuracy (%, 95 % Wilson interval; p: exact McNemar test against base on the same "
+                  "examples)\n", "| variant | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
         for v in names:
             row = []
             for t in tasks:
@@ -195,9 +268,26 @@ def report(cells: list[Cell], out_dir: Path, command: str = "") -> Path:
                 if c is None:
                     row.append("—")
                     continue
-                lo, hi = c.wilson()
-                row.append(f"{100 * c.acc:.1f} [{100 * lo:.0f}, {100 * hi:.0f}] (n={c.n})")
+                p = "" if v == "base" else f" p={_p(paired_p(by.get((t, 'base')), c))}"
+                row.append(shown(c) + p)
             lines.append(f"| {v} | " + " | ".join(row) + " |")
+    # 1b. the mixed set: every task pooled, base against the auto strategies
+    pooled_tasks, mixed = pooled(measured)
+    if mixed:
+        base = mixed[0]
+        lines += [f"\n## Mixed held-out set ({', '.join(pooled_tasks)} pooled, unlabelled: `auto` decides; "
+                  "p: exact McNemar test against base)\n",
+                  "| variant | accuracy % [95 % CI] | vs base: only it right / only base right | McNemar p |",
+                  "|---|---|---|---|"]
+        for c in mixed:
+            if c is base:
+                lines.append(f"| {c.variant} | {shown(c)} | | |")
+                continue
+            if base.per_example is None or c.per_example is None:
+                lines.append(f"| {c.variant} | {shown(c)} | — | — |")
+                continue
+            p, only_base, only_it = mcnemar(base.per_example, c.per_example)
+            lines.append(f"| {c.variant} | {shown(c)} | {only_it} / {only_base} | {_p(p)} |")
     # 2. routing of the strategies
     routing = [c for c in measured if c.is_strategy]
     if routing:
@@ -222,6 +312,9 @@ def report(cells: list[Cell], out_dir: Path, command: str = "") -> Path:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        if mixed:                   # the mixed set as one more group of bars
+            tasks = tasks + [MIXED]
+            by.update({(c.task, c.variant): c for c in mixed})
         fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(tasks), 3.5))
         width = 0.8 / max(1, len(names))
         for i, v in enumerate(names):

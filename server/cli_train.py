@@ -131,6 +131,9 @@ def fewshot(name: str = typer.Argument(..., help="Profile name (served as <base>
             population: int = typer.Option(32), iterations: int = typer.Option(50),
             elite_ratio: float = typer.Option(0.2), init_std: float = typer.Option(0.5),
             seed: int = typer.Option(0), max_new_tokens: int = typer.Option(96),
+            score: str = typer.Option("accuracy", help="accuracy: accuracy on the shots, ties broken by the "
+                                      "log-likelihood of the reference answers; loglik: that log-likelihood "
+                                      "alone (no generation; it moves when no mix solves a shot)."),
             model: Optional[Path] = _COMMON["model"], out: Path = _COMMON["out"],
             device: str = _COMMON["device"]) -> None:
     """Few-shot adaptation: CEM over mixing weights on N shots; the result is saved as a profile expert."""
@@ -166,9 +169,10 @@ def fewshot(name: str = typer.Argument(..., help="Profile name (served as <base>
                     seed=seed)
     shots_task = t.subset(range(offset, min(offset + shots, len(t))))
     profile, result = fewshot_profile(lm, tok, factors, pool, shots_task, name,
-                                      per_matrix=per_matrix, config=cfg, max_new_tokens=max_new_tokens)
+                                      per_matrix=per_matrix, config=cfg, max_new_tokens=max_new_tokens,
+                                      score=score)
     path = profile.save(out / f"{name}.safetensors")
-    typer.echo(f"wrote {path}: accuracy on the shots {result.score[0]:.3f} after {result.evaluations} "
+    typer.echo(f"wrote {path}: {score} on the shots {result.score[0]:.3f} after {result.evaluations} "
                f"evaluations; {profile.description}")
 
 
@@ -181,6 +185,10 @@ def eval_(url: str = typer.Option("http://127.0.0.1:8000", help="A running t2 se
                                              "after the accuracy phase, for the cost of the two passes."),
           own_task: bool = typer.Option(False, help="Run each expert only on the tasks of its label and "
                                         "each profile only on its own task (base and strategies on all)."),
+          time_budget: float = typer.Option(0, help="Minutes after which no new accuracy request is sent "
+                                            "(0: none); requests go out task by task in the order given, "
+                                            "example by example within a task, so the cells stay paired "
+                                            "over the examples answered by then."),
           from_json: Optional[Path] = typer.Option(None, help="Redraw the report of an earlier eval.json "
                                                    "(no server needed)."),
           api_key: Optional[str] = typer.Option(None, envvar="T2_API_KEY"),
@@ -211,7 +219,7 @@ def eval_(url: str = typer.Option("http://127.0.0.1:8000", help="A running t2 se
     except (ValueError, OSError) as e:
         _fail(e)
     cells = asyncio.run(evaluate(url, tasks, limit, max_tokens, concurrency, api_key, own_task=own_task,
-                                 timing=timing_samples))
+                                 timing=timing_samples, time_budget=time_budget))
     md = report(cells, out, " ".join(["t2"] + sys.argv[1:]))
     typer.echo(md.read_text())
 

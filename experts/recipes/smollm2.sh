@@ -100,3 +100,7 @@ $T2 eval --url http://127.0.0.1:8765 "${TASKS[@]}" --limit 0 --timing-samples 5 
 # 6. routing on the held-out routing set (tests/data/routing/heldout.jsonl, never trained on): per-label
 #    accuracy and confusion matrices of `prompt` and `classifier` through the same server
 $PY -m clients.routing --url http://127.0.0.1:8765 --out experts/recipes/routing-smollm2/after
+# 7. the same set on 200 held-out examples per family (other templates than the training data) and all of
+#    HumanEval, through the vLLM engine, with McNemar tests against base and the mixed (pooled) table:
+#    experts/recipes/eval-smollm2-n200/ (it starts its own server; stop the one above first on a small machine)
+bash experts/recipes/eval-smollm2-n200.sh

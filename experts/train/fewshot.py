@@ -2,7 +2,9 @@
 
 Contract: `fewshot_profile(...)` runs CEM (experts/train/cem.py) over α — per expert, or per expert per
 matrix as the reference's per_layer — scoring each α by greedy accuracy on the shots, ties broken by the mean
-log-likelihood of the reference answers (the paper's objective). The best α's mixed z' is saved as an
+log-likelihood of the reference answers (the paper's objective; `score="accuracy"`), or by that
+log-likelihood alone (`score="loglik"`: no generation, one forward pass per α, a score that moves with every
+change of α where a model that solves none of the shots gives accuracy 0 everywhere). The best α's mixed z' is saved as an
 expert file with label `profile`: since W' depends only on z', that file *is* the adaptation, so the server
 serves it like any expert (model id `<base>:<profile>`, listed in /v1/models) with no per-request search.
 The profile's description records the experts and weights it was mixed from.
@@ -27,8 +29,11 @@ PROFILE_LABEL = "profile"
 
 def fewshot_profile(model: Any, tokenizer: Any, factors: Mapping[str, Factors], experts: Mapping[str, Expert],
                     shots: Any, name: str, *, per_matrix: bool = False, config: CEMConfig = CEMConfig(),
-                    max_new_tokens: int = 96, log: bool = True) -> tuple[Expert, CEMResult]:
+                    max_new_tokens: int = 96, log: bool = True, score: str = "accuracy"
+                    ) -> tuple[Expert, CEMResult]:
     """1. the objective over α; 2. CEM; 3. the best α's z' as a profile expert."""
+    if score not in ("accuracy", "loglik"):
+        raise ValueError(f"score must be 'accuracy' or 'loglik', got {score!r}")
     # 1. objective
     rollouts = Rollouts(model, tokenizer, max_new_tokens, 0.0, batch_size=max(1, len(shots.examples)))
     params = dict(model.named_parameters())
@@ -43,12 +48,14 @@ def fewshot_profile(model: Any, tokenizer: Any, factors: Mapping[str, Factors], 
         z = mixed_z(space, experts, alpha)
         with torch.no_grad():
             w = patched_weights(base, factors, z) if z else None
-            score = (rollouts.accuracy(shots, w), rollouts.answer_loglik(shots, shots.examples, w, answers))
+            ll = rollouts.answer_loglik(shots, shots.examples, w, answers)
+            value = (rollouts.accuracy(shots, w), ll) if score == "accuracy" else (ll, 0.0)
         calls += 1
         if log:                 # one evaluation is len(shots) generations: minutes on a CPU, so say each one
-            print(f"cem evaluation {calls}/{config.population * config.iterations}  accuracy {score[0]:.3f}  "
-                  f"loglik {score[1]:+.4f}", file=sys.stderr, flush=True)
-        return score
+            print(f"cem evaluation {calls}/{config.population * config.iterations}  "
+                  + (f"accuracy {value[0]:.3f}  " if score == "accuracy" else "") + f"loglik {ll:+.4f}",
+                  file=sys.stderr, flush=True)
+        return value
 
     # 2. search
     result = cem(objective, space.dim, config, log=log)
@@ -56,7 +63,7 @@ def fewshot_profile(model: Any, tokenizer: Any, factors: Mapping[str, Factors], 
     z = mixed_z(space, experts, result.alpha)
     table = space.weights(result.alpha)
     desc = {"task": shots.name, "experts": list(space.experts), "per_matrix": per_matrix, "shots": len(shots.examples),
-            "accuracy_on_shots": result.score[0], "weights": table["*"] if not per_matrix else "per matrix"}
+            "score": score, score + "_on_shots": result.score[0], "weights": table["*"] if not per_matrix else "per matrix"}
     any_expert = next(iter(experts.values()))
     profile = Expert(name=name, z={n: t.float().cpu() for n, t in z.items()}, label=PROFILE_LABEL,
                      description=json.dumps(desc), base_model=any_expert.base_model,

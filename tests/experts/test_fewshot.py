@@ -49,3 +49,35 @@ def test_fewshot_profile(tiny_model_dir, tmp_path):
     # per expert, the profile is the server's Adaptation of the same weights
     server_z = mix_z(experts, space.adaptation(result.alpha))
     assert all(torch.allclose(server_z[n], want[n], atol=1e-5) for n in want)
+
+
+def test_fewshot_profile_by_loglik_prefers_the_expert_that_wrote_the_answers(tiny_model_dir, tmp_path):
+    import json
+
+    import pytest
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    factors, fp = load_factors(tiny_model_dir, tmp_path / "f", progress=False)
+    ranks = model_ranks(tiny_model_dir)
+    experts = {n: random_expert(n, ranks, 0.6, seed, base_fingerprint=fp) for n, seed in (("a", 1), ("b", 2), ("c", 3))}
+    ro = Rollouts(model, tok, max_new_tokens=4)
+    params = dict(model.named_parameters())
+    base = {n: params[n].data for n in factors}
+    task0 = Task("probe", "test", [Example(w, "") for w in WORDS], lambda t, e: True)
+    _, texts = ro.generate(ro.prompts(task0.examples, task0), patched_weights(base, factors, experts["b"].z))
+    # reference answers written by expert b; the grader accepts nothing, so accuracy is 0 for every mix
+    shots = Task("shots", "test", [Example(w, t) for w, t in zip(WORDS, texts)], lambda t, e: False)
+    ll = {n: ro.answer_loglik(shots, shots.examples, patched_weights(base, factors, e.z), texts)
+          for n, e in experts.items()}
+    assert ll["b"] > max(ll["a"], ll["c"])
+    profile, result = fewshot_profile(model, tok, factors, experts, shots, "ll-profile", max_new_tokens=4,
+                                      config=CEMConfig(population=6, iterations=3, seed=0), log=False,
+                                      score="loglik")
+    # the score moved although no shot is ever solved, and the search beat the experts b did not write for
+    assert result.score[0] > max(ll["a"], ll["c"])
+    again = ro.answer_loglik(shots, shots.examples, patched_weights(base, factors, profile.z), texts)
+    assert abs(again - result.score[0]) < 1e-4                  # the saved z is what was scored
+    desc = json.loads(profile.description)
+    assert desc["score"] == "loglik" and desc["loglik_on_shots"] == result.score[0]
+    with pytest.raises(ValueError, match="score"):
+        fewshot_profile(model, tok, factors, experts, shots, "x", score="pass@k", log=False)
