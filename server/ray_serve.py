@@ -230,11 +230,7 @@ class T2Replica:
 def _deployment(config: ServerConfig):
     opts: dict[str, Any] = dict(
         name="T2Replica",
-        # a running batch plus as many waiting in the replica's own scheduler, so that a freed row is refilled
-        # at the next step; the rest wait in Ray's router for whichever replica frees first. With the cap at
-        # max_batch alone every refill took a router round trip: 1 replica of the tiny model at 32 clients
-        # ran at 0.36 of a plain `t2 serve` (benchmarks/bench_ray.sh)
-        max_ongoing_requests=2 * config.max_batch,
+        max_ongoing_requests=config.max_batch,        # the rest wait in the router, for any replica
         ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus},
         health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=config.graceful_timeout_s,
     )
