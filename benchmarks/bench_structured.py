@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,12 +41,7 @@ from tests.live import LiveServer  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
 from server.engines.structured import Constraint, Grammars  # noqa: E402
 from tests import structured_checks as C  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.conftest import free_port  # noqa: E402
 
 
 class PlainVLLM:

@@ -279,12 +279,13 @@ class VLLMEngine(Engine):
                      "step_adaptations": self.step_stats.get("adaptations_per_step"),
                      "step_adaptations_sum": raw.get("distinct_sum", 0)})
 
-    async def refresh_step_stats(self) -> dict[str, Any]:
-        """The factored layers' step counters of rank 0 (an RPC into the engine core, between two steps);
+    async def refresh_health(self) -> None:
+        """`step_stats` from the factored layers' step counters of rank 0 (an RPC into the engine core, between
+        two steps; the poller and GET /metrics call it);
         `adaptations_per_step` and `factored_share` are over the steps since the previous refresh (kept
         when there were none)."""
         if self.llm is None:
-            return self.step_stats
+            return
         now = (await self.llm.collective_rpc("t2_stats"))[0]
         prev, st = self._raw_steps or dict.fromkeys(now, 0), dict(self.step_stats)
         d = {k: now[k] - prev.get(k, 0) for k in now}
@@ -294,16 +295,12 @@ class VLLMEngine(Engine):
             st["adaptations_per_step"] = round(d["distinct_sum"] / d["counted"], 3)
         st.update(steps=now["steps"], factored_steps=now["factored_steps"])
         self._raw_steps, self.step_stats = now, st
-        return st
-
-    async def refresh_health(self) -> None:
-        await self.refresh_step_stats()
 
     async def _poll_step_stats(self, every_s: float = 2.0) -> None:
         """Keeps `step_stats` (read by health() and /metrics) at most `every_s` old."""
         while self.llm is not None:
             try:
-                await self.refresh_step_stats()
+                await self.refresh_health()
             except Exception:  # noqa: BLE001 - metrics only; the engine's own faults show elsewhere
                 pass
             await asyncio.sleep(every_s)

@@ -173,7 +173,8 @@ class _SVFMixin:
         x2 = x.reshape(-1, shape[-1])
         slots = self._t2_slots(x2.shape[0])
         if self.t2_packed is not None:
-            y = _factored_onednn(x2.contiguous(), self.t2_packed, self.t2_ranks, self.gains, slots)
+            h_vh, h_us = self.t2_packed
+            y = factored(x2, h_vh, h_us, self.gains, slots, self.t2_ranks, _onednn_mm)
         else:
             y = factored(x2, self.vh, self.t2_us, self.gains, slots)
         if bias is not None:
@@ -188,19 +189,9 @@ def _gain_rows(idx: torch.Tensor, slots: int) -> torch.Tensor:
     return torch.where(ok, idx, torch.full_like(idx, slots))
 
 
-def _factored_onednn(x: torch.Tensor, packed: tuple, ranks: tuple[int, ...], gains: torch.Tensor,
-                     slots: torch.Tensor) -> torch.Tensor:
-    """`factored` (server/engines/vllm_worker.py) with oneDNN-packed factors: the same formula and order."""
-    h_vh, h_us = packed
-    h = vllm_ops.onednn_mm(h_vh, x, None)                                  # [T, Σr]
-    h.mul_(gains.index_select(0, slots).to(h.dtype))                        # [T, Σr]
-    if len(h_us) == 1:
-        return vllm_ops.onednn_mm(h_us[0], h, None)
-    outs, at = [], 0
-    for hu, r in zip(h_us, ranks):
-        outs.append(vllm_ops.onednn_mm(hu, h[:, at:at + r].contiguous(), None))   # [T, m_i]
-        at += r
-    return torch.cat(outs, dim=-1)
+def _onednn_mm(a: torch.Tensor, handle) -> torch.Tensor:
+    """a·wᵀ with w packed in a oneDNN handle (`factored`'s `mm` on a CPU); a slice of h must be contiguous."""
+    return vllm_ops.onednn_mm(handle, a.contiguous(), None)
 
 
 def _count(layer: _SVFMixin, dense: bool, x: torch.Tensor) -> None:

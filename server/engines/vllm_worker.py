@@ -21,7 +21,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors import safe_open
@@ -109,18 +109,25 @@ def local_factors(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, *, rows: t
     return us.contiguous(), vh.contiguous()
 
 
-def factored(x: torch.Tensor, vh: torch.Tensor, us: list[torch.Tensor], gains: torch.Tensor,
-             slots: torch.Tensor) -> torch.Tensor:
+def _matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return a @ w.t()
+
+
+def factored(x: torch.Tensor, vh: Any, us: list[Any], gains: torch.Tensor, slots: torch.Tensor,
+             ranks: tuple[int, ...] | None = None, mm: Callable[[torch.Tensor, Any], torch.Tensor] = _matmul
+             ) -> torch.Tensor:
     """Y = ((x·vhᵀ) ⊙ gains[slot]) · us_iᵀ per slice, concatenated. x [T, n], vh [Σr, n], us_i [m_i, r_i],
-    gains [S, Σr] fp32, slots [T] long in [0, S). Returns [T, Σm_i] in x's dtype."""
-    h = x @ vh.t()                                           # [T, Σr]
+    gains [S, Σr] fp32, slots [T] long in [0, S). Returns [T, Σm_i] in x's dtype.
+    `mm(a, w)` = a·wᵀ; a caller with packed weights (vllm_layers: oneDNN handles on a CPU) passes its own
+    `mm` and the slices' `ranks` (r_i; read from us_i by default)."""
+    ranks = ranks or tuple(u.shape[1] for u in us)
+    h = mm(x, vh)                                            # [T, Σr]
     h = h * gains.index_select(0, slots).to(h.dtype)          # [T, Σr]
     if len(us) == 1:
-        return h @ us[0].t()
+        return mm(h, us[0])
     outs, at = [], 0
-    for u in us:
-        r = u.shape[1]
-        outs.append(h[:, at:at + r] @ u.t())                 # [T, m_i]
+    for u, r in zip(us, ranks):
+        outs.append(mm(h[:, at:at + r], u))                  # [T, m_i]
         at += r
     return torch.cat(outs, dim=-1)
 

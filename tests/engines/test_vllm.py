@@ -372,11 +372,11 @@ def test_tensor_parallel_2_answers_as_one_rank(vllm_live, tiny_model_dir, tiny_e
 
 @pytest.mark.parametrize("rows", [1, 7, 64])
 def test_the_onednn_packed_factored_form_equals_the_torch_one(rows):
-    """The CPU path of the factored layers (factors packed into oneDNN handles, vllm_layers.t2_pack) computes
-    the same Y = ((X·Vhᵀ) ⊙ G[slot]) · U_sᵀ per slice as vllm_worker.factored, row by row, for a mixed batch."""
+    """The CPU path of the factored layers (factors packed into oneDNN handles, vllm_layers.t2_pack, multiplied by
+    `_onednn_mm`) computes the same Y = ((X·Vhᵀ) ⊙ G[slot]) · U_sᵀ per slice as vllm_worker.factored, row by row, for a mixed batch."""
     from vllm import _custom_ops as ops
 
-    from server.engines.vllm_layers import _factored_onednn, _gain_rows
+    from server.engines.vllm_layers import _gain_rows, _onednn_mm
     from server.engines.vllm_worker import factored
     if not getattr(ops, "_supports_onednn", False):
         pytest.skip("this vLLM build has no oneDNN GEMM (the layers then use the torch form)")
@@ -388,11 +388,11 @@ def test_the_onednn_packed_factored_form_equals_the_torch_one(rows):
     gains[slots] = 1.0                                              # the base row
     idx = torch.randint(-1, slots, (rows,), generator=g)            # −1 = no adapter → the base row
     x = torch.randn(rows, n, generator=g)
-    packed = (ops.create_onednn_mm(vh.t(), 32), [ops.create_onednn_mm(u.t(), 32) for u in us])
-    got = _factored_onednn(x, packed, ranks, gains, _gain_rows(idx, slots))
+    h_vh, h_us = ops.create_onednn_mm(vh.t(), 32), [ops.create_onednn_mm(u.t(), 32) for u in us]
+    got = factored(x, h_vh, h_us, gains, _gain_rows(idx, slots), ranks, _onednn_mm)
     want = factored(x, vh, us, gains, _gain_rows(idx, slots))
     assert got.shape == (rows, sum(ms))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # a wrong gain row is seen: every row computed with the next slot's gains differs
-    wrong = _factored_onednn(x, packed, ranks, gains, (_gain_rows(idx, slots) + 1) % (slots + 1))
+    wrong = factored(x, h_vh, h_us, gains, (_gain_rows(idx, slots) + 1) % (slots + 1), ranks, _onednn_mm)
     assert not torch.allclose(wrong, want, atol=1e-3)
