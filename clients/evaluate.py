@@ -12,7 +12,8 @@ the answer with the task's own grader, and report:
   second pass = the request's wall time minus it (patch + generation); patch = the report's `patch_ms`.
 With `limit` 0 only the timing phase runs.
 With `own_task`, an expert is only run on the tasks of its label and a profile only on the task it was made
-for (Table 1 of the paper is that diagonal); base and strategies always run on every task. Cells not run
+for (Table 1 of the paper is that diagonal); a profile is never scored on the examples it was searched on
+(its description's `shot_indices`), and its row shows the base on the same examples; base and strategies always run on every task. Cells not run
 are left out of the JSON and shown as "—".
 Every cell keeps its per-example correctness (`per_example`: 1 / 0 in example order, None for an example not
 answered), so each variant is compared with `base` by an exact McNemar test on the same examples (the
@@ -87,14 +88,18 @@ class Cell:
 
 def variants(models: list[dict[str, Any]]) -> dict[str, tuple[str, dict]]:
     """{display name: (model id, extra body)} from /v1/models."""
-    return {name: (model, extra) for name, (model, extra, _) in _offered(models).items()}
+    return {name: (model, extra) for name, (model, extra, _, _) in _offered(models).items()}
 
 
-def _offered(models: list[dict[str, Any]]) -> dict[str, tuple[str, dict, tuple[str, str] | None]]:
-    """{display name: (model id, extra body, scope)}; scope ("label", x) for an expert, ("task", x) for a
-    profile that names its task, None for the base and the strategies."""
+Scope = tuple[str, str] | None        # ("label", x): an expert; ("task", x): a profile made for task x; None: all
+
+
+def _offered(models: list[dict[str, Any]]) -> dict[str, tuple[str, dict, Scope, frozenset[int]]]:
+    """{display name: (model id, extra body, scope, skipped)}; scope ("label", x) for an expert, ("task", x)
+    for a profile that names its task, None for the base and the strategies; skipped: the example indices a
+    profile was searched on (its description's `shot_indices`), never part of its score."""
     base = next(m["id"] for m in models if (m.get("t2") or {}).get("kind") == "base")
-    out: dict[str, tuple[str, dict, tuple[str, str] | None]] = {"base": (base, {}, None)}
+    out: dict[str, tuple[str, dict, Scope, frozenset[int]]] = {"base": (base, {}, None, frozenset())}
     labels = {}
     for m in models:
         t2 = m.get("t2") or {}
@@ -103,17 +108,19 @@ def _offered(models: list[dict[str, Any]]) -> dict[str, tuple[str, dict, tuple[s
             labels[label] = True
             if label == "classifier":
                 continue
-            scope: tuple[str, str] | None = ("label", label)
+            scope: Scope = ("label", label)
+            skipped: frozenset[int] = frozenset()
             if label == "profile":
                 try:
-                    task = json.loads(t2.get("description") or "{}").get("task")
-                except (ValueError, AttributeError):
+                    desc = json.loads(t2.get("description") or "{}")
+                    task, skipped = desc.get("task"), frozenset(int(i) for i in desc.get("shot_indices") or ())
+                except (ValueError, TypeError, AttributeError):
                     task = None
                 scope = ("task", task) if task else None
-            out[m["id"].split(":", 1)[1]] = (m["id"], {}, scope)
-    out[STRATEGY + "prompt"] = ("auto", {"t2": {"dispatch": "prompt"}}, None)
+            out[m["id"].split(":", 1)[1]] = (m["id"], {}, scope, skipped)
+    out[STRATEGY + "prompt"] = ("auto", {"t2": {"dispatch": "prompt"}}, None, frozenset())
     if labels.get("classifier"):
-        out[STRATEGY + "classifier"] = ("auto", {"t2": {"dispatch": "classifier"}}, None)
+        out[STRATEGY + "classifier"] = ("auto", {"t2": {"dispatch": "classifier"}}, None, frozenset())
     return out
 
 
@@ -135,18 +142,25 @@ async def evaluate(url: str, tasks: list[tuple[Any, str]], limit: int, max_token
         r = await client.get("/v1/models")
         r.raise_for_status()
         offered = _offered(r.json()["data"])
-        pairs = [(t, label, v) for t, label in tasks for v, (_, _, scope) in offered.items()
+        pairs = [(t, label, v) for t, label in tasks for v, (_, _, scope, _) in offered.items()
                  if not own_task or _runs_on(scope, t, label)]
         cells = {(t.name, v): Cell(t.name, v, per_example=[None] * min(limit, len(t.examples)))
                  for t, _, v in pairs}
         strategies = [(t, label, v) for t, label, v in pairs if cells[(t.name, v)].is_strategy]
+
+        def asked(task: Any, variant: str) -> list[int]:
+            """The examples a variant is scored on: the first `limit`, less a profile's own shots (on its task)."""
+            _, _, scope, skipped = offered[variant]
+            own = scope is not None and scope[0] == "task" and scope[1] == task.name
+            return [i for i in range(min(limit, len(task.examples))) if not (own and i in skipped)]
+
         sem = asyncio.Semaphore(concurrency)
-        done, total = 0, sum(min(limit, len(t.examples)) for t, _, _ in pairs)
+        done, total = 0, sum(len(asked(t, v)) for t, _, v in pairs)
         start = time.monotonic()
         stop_at = start + time_budget * 60 if time_budget else math.inf
 
         async def ask(task: Any, variant: str, example: Any) -> tuple[dict, float]:
-            model, extra, _ = offered[variant]
+            model, extra, _, _ = offered[variant]
             body = {"model": model, "messages": task.messages(example), "temperature": 0,
                     "max_tokens": max_tokens, **extra}
             t0 = time.perf_counter()
@@ -178,7 +192,7 @@ async def evaluate(url: str, tasks: list[tuple[Any, str]], limit: int, max_token
 
         # task by task in the order given; within a task every variant of example i before example i + 1
         await asyncio.gather(*(one(t, label, v, i) for t, label in tasks for i in range(min(limit, len(t.examples)))
-                               for u, _, v in pairs if u is t))
+                               for u, _, v in pairs if u is t and i in asked(t, v)))
         if progress and done < total:
             print(f"eval stopped by the time budget after {done}/{total} answers", flush=True)
 
@@ -268,7 +282,12 @@ def report(cells: list[Cell], out_dir: Path, command: str = "") -> Path:
                 if c is None:
                     row.append("—")
                     continue
-                p = "" if v == "base" else f" p={_p(paired_p(by.get((t, 'base')), c))}"
+                b = by.get((t, "base"))
+                p = "" if v == "base" else f" p={_p(paired_p(b, c))}"
+                if v != "base" and b is not None and c.n < b.n and b.per_example and c.per_example:
+                    same = [x for x, y in zip(b.per_example, c.per_example) if x is not None and y is not None]
+                    if same:        # a profile scored without its shots: the base on the same examples
+                        p += f"; base on these {len(same)}: {100 * sum(same) / len(same):.1f}"
                 row.append(shown(c) + p)
             lines.append(f"| {v} | " + " | ".join(row) + " |")
     # 1b. the mixed set: every task pooled, base against the auto strategies

@@ -167,10 +167,10 @@ def fewshot(name: str = typer.Argument(..., help="Profile name (served as <base>
     lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev)
     cfg = CEMConfig(population=population, elite_ratio=elite_ratio, iterations=iterations, init_std=init_std,
                     seed=seed)
-    shots_task = t.subset(range(offset, min(offset + shots, len(t))))
-    profile, result = fewshot_profile(lm, tok, factors, pool, shots_task, name,
+    shot_indices = range(offset, min(offset + shots, len(t)))
+    profile, result = fewshot_profile(lm, tok, factors, pool, t.subset(shot_indices), name,
                                       per_matrix=per_matrix, config=cfg, max_new_tokens=max_new_tokens,
-                                      score=score)
+                                      score=score, shot_indices=shot_indices)
     path = profile.save(out / f"{name}.safetensors")
     typer.echo(f"wrote {path}: {score} on the shots {result.score[0]:.3f} after {result.evaluations} "
                f"evaluations; {profile.description}")

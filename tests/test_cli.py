@@ -1,5 +1,7 @@
 """The `t2` command line on real files: decompose, experts create / list / inspect, import-expert, serve --help."""
 
+import json
+
 import torch
 from typer.testing import CliRunner
 
@@ -102,3 +104,4 @@ def test_train_and_fewshot_commands_end_to_end(tiny_model_dir, tmp_path):
     assert code == 0, out
     prof = Expert.load(tmp_path / "experts" / "prof.safetensors")
     assert prof.label == "profile" and set(prof.z) == set(model_ranks(tiny_model_dir))
+    assert json.loads(prof.description)["shot_indices"] == [0, 1, 2]      # so `t2 eval` can leave them out

@@ -91,6 +91,32 @@ def test_eval_own_task_runs_experts_on_their_label_and_profiles_on_their_task(li
     assert "| math | " in md and " | — |" in md and "| code |" not in md    # code: no task has its label
 
 
+def test_a_profile_is_never_scored_on_its_own_shots(tiny_model_dir, tmp_path):
+    """A profile's description names the examples CEM searched on; `t2 eval` leaves them out of its cell,
+    pairs it with the base on the rest, and shows the base on those same examples."""
+    from experts.expert import random_expert
+    from experts.tasks.generate import write
+    from experts.svd import model_fingerprint, model_ranks
+    from tests.conftest import make_experts, serve
+    experts = make_experts(tiny_model_dir, tmp_path / "experts")
+    random_expert("prof", model_ranks(tiny_model_dir), 0.3, 9, label="profile",
+                  description=json.dumps({"task": "math", "shot_indices": [1, 3]}),
+                  base_fingerprint=model_fingerprint(tiny_model_dir)).save(experts / "prof.safetensors")
+    write("arithmetic", tmp_path / "math.jsonl", 6, seed=0)
+    with serve(tiny_model_dir, experts, tmp_path / "cache") as s:
+        r = CliRunner().invoke(app, ["eval", "--url", s.url, "--task", f"math:gsm8k:{tmp_path / 'math.jsonl'}",
+                                     "--limit", "5", "--max-tokens", "4", "--own-task", "--timing-samples", "0",
+                                     "--out", str(tmp_path / "eval")])
+    assert r.exit_code == 0, r.output
+    rows = {x["variant"]: x for x in json.loads((tmp_path / "eval" / "eval.json").read_text())}
+    prof, base = rows["prof"], rows["base"]
+    assert base["n"] == 5 and None not in base["per_example"]
+    assert prof["n"] == 3 and [i for i, x in enumerate(prof["per_example"]) if x is None] == [1, 3]
+    same = [base["per_example"][i] for i in (0, 2, 4)]
+    md = (tmp_path / "eval" / "eval.md").read_text()
+    assert f"base on these 3: {100 * sum(same) / 3:.1f}" in md
+
+
 def test_a_profile_is_scoped_to_the_task_it_was_made_for():
     from clients.evaluate import _offered, _runs_on
     from experts.tasks.base import Example, Task

@@ -7,14 +7,14 @@ log-likelihood alone (`score="loglik"`: no generation, one forward pass per α, 
 change of α where a model that solves none of the shots gives accuracy 0 everywhere). The best α's mixed z' is saved as an
 expert file with label `profile`: since W' depends only on z', that file *is* the adaptation, so the server
 serves it like any expert (model id `<base>:<profile>`, listed in /v1/models) with no per-request search.
-The profile's description records the experts and weights it was mixed from.
+The profile's description records the experts and weights it was mixed from, and which examples were the shots.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,9 +29,11 @@ PROFILE_LABEL = "profile"
 
 def fewshot_profile(model: Any, tokenizer: Any, factors: Mapping[str, Factors], experts: Mapping[str, Expert],
                     shots: Any, name: str, *, per_matrix: bool = False, config: CEMConfig = CEMConfig(),
-                    max_new_tokens: int = 96, log: bool = True, score: str = "accuracy"
-                    ) -> tuple[Expert, CEMResult]:
-    """1. the objective over α; 2. CEM; 3. the best α's z' as a profile expert."""
+                    max_new_tokens: int = 96, log: bool = True, score: str = "accuracy",
+                    shot_indices: Sequence[int] | None = None) -> tuple[Expert, CEMResult]:
+    """1. the objective over α; 2. CEM; 3. the best α's z' as a profile expert. `shot_indices` (the shots'
+    positions in the full task) go into the description, so that `t2 eval` can keep them out of the
+    profile's score."""
     if score not in ("accuracy", "loglik"):
         raise ValueError(f"score must be 'accuracy' or 'loglik', got {score!r}")
     # 1. objective
@@ -64,6 +66,8 @@ def fewshot_profile(model: Any, tokenizer: Any, factors: Mapping[str, Factors], 
     table = space.weights(result.alpha)
     desc = {"task": shots.name, "experts": list(space.experts), "per_matrix": per_matrix, "shots": len(shots.examples),
             "score": score, score + "_on_shots": result.score[0], "weights": table["*"] if not per_matrix else "per matrix"}
+    if shot_indices is not None:
+        desc["shot_indices"] = [int(i) for i in shot_indices]
     any_expert = next(iter(experts.values()))
     profile = Expert(name=name, z={n: t.float().cpu() for n, t in z.items()}, label=PROFILE_LABEL,
                      description=json.dumps(desc), base_model=any_expert.base_model,
