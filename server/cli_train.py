@@ -128,6 +128,8 @@ def fewshot(name: str = typer.Argument(..., help="Profile name (served as <base>
             experts: Optional[Path] = typer.Option(None, help="Experts to mix (default: the embedded ones)."),
             per_matrix: bool = typer.Option(False, help="One weight per expert per matrix (the "
                                             "reference's per_layer) instead of one per expert."),
+            with_base: bool = typer.Option(True, help="The base weights (z' = 1) are one more component of "
+                                           "the mix, so the search can choose less adaptation, or none."),
             population: int = typer.Option(32), iterations: int = typer.Option(50),
             elite_ratio: float = typer.Option(0.2), init_std: float = typer.Option(0.5),
             seed: int = typer.Option(0), max_new_tokens: int = typer.Option(96),
@@ -144,7 +146,7 @@ def fewshot(name: str = typer.Argument(..., help="Profile name (served as <base>
     from experts.svd import load_factors
     from experts.tasks import load_task
     from experts.train.cem import CEMConfig
-    from experts.train.fewshot import PROFILE_LABEL, fewshot_profile
+    from experts.train.fewshot import BASE_COMPONENT, PROFILE_LABEL, fewshot_profile
     from server.default_model import default_cache_dir, default_experts_dir, ensure_default_model
 
     try:
@@ -161,6 +163,8 @@ def fewshot(name: str = typer.Argument(..., help="Profile name (served as <base>
         factors, fp = load_factors(model_dir, cache / "factors" / model_dir.name, device=dev)
         for e in pool.values():
             e.check_against({n: f.rank for n, f in factors.items()}, fp)
+        if with_base:       # covers no matrix, so it counts as z = 1 everywhere (experts/train/cem.py: mixed_z)
+            pool[BASE_COMPONENT] = Expert(name=BASE_COMPONENT, z={}, label="base")
     except (ValueError, OSError, ExpertError) as e:
         _fail(e)
     tok = AutoTokenizer.from_pretrained(model_dir)

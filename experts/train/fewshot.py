@@ -8,6 +8,9 @@ change of α where a model that solves none of the shots gives accuracy 0 everyw
 expert file with label `profile`: since W' depends only on z', that file *is* the adaptation, so the server
 serves it like any expert (model id `<base>:<profile>`, listed in /v1/models) with no per-request search.
 The profile's description records the experts and weights it was mixed from, and which examples were the shots.
+An expert with no z-vectors (`BASE_COMPONENT`, what `t2 fewshot --with-base` adds) counts as z = 1 in every
+matrix: with it the search space holds the base weights and every blend between them and the experts, so
+a search on a task the experts do not help can settle on little adaptation instead of the least bad blend.
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ from experts.train.cem import CEMConfig, CEMResult, MixSpace, cem, mixed_z
 from experts.train.rollout import Rollouts, patched_weights
 
 PROFILE_LABEL = "profile"
+BASE_COMPONENT = "base"         # an expert with no z-vectors: z' = 1, the base weights, as one more mix component
 
 
 def fewshot_profile(model: Any, tokenizer: Any, factors: Mapping[str, Factors], experts: Mapping[str, Expert],
                     shots: Any, name: str, *, per_matrix: bool = False, config: CEMConfig = CEMConfig(),
                     max_new_tokens: int = 96, log: bool = True, score: str = "accuracy",
                     shot_indices: Sequence[int] | None = None) -> tuple[Expert, CEMResult]:
-    """1. the objective over α; 2. CEM; 3. the best α's z' as a profile expert. `shot_indices` (the shots'
+    """1. the objective over α; 2. the base's score on the shots, CEM; 3. the best α's z' as a profile expert. `shot_indices` (the shots'
     positions in the full task) go into the description, so that `t2 eval` can keep them out of the
     profile's score."""
     if score not in ("accuracy", "loglik"):
@@ -59,16 +63,21 @@ def fewshot_profile(model: Any, tokenizer: Any, factors: Mapping[str, Factors], 
                   file=sys.stderr, flush=True)
         return value
 
-    # 2. search
+    # 2. the base weights' score on the same shots (the bar a profile has to clear), then the search
+    with torch.no_grad():
+        base_ll = rollouts.answer_loglik(shots, shots.examples, None, answers)
+        base_score = (rollouts.accuracy(shots, None), base_ll) if score == "accuracy" else (base_ll, 0.0)
+    if log:
+        print(f"base weights: {score} on the shots {base_score[0]:+.4f}", file=sys.stderr, flush=True)
     result = cem(objective, space.dim, config, log=log)
     # 3. profile
     z = mixed_z(space, experts, result.alpha)
     table = space.weights(result.alpha)
     desc = {"task": shots.name, "experts": list(space.experts), "per_matrix": per_matrix, "shots": len(shots.examples),
-            "score": score, score + "_on_shots": result.score[0], "weights": table["*"] if not per_matrix else "per matrix"}
+            "score": score, score + "_on_shots": result.score[0], "base_" + score + "_on_shots": base_score[0], "weights": table["*"] if not per_matrix else "per matrix"}
     if shot_indices is not None:
         desc["shot_indices"] = [int(i) for i in shot_indices]
-    any_expert = next(iter(experts.values()))
+    any_expert = next((e for e in experts.values() if e.z), next(iter(experts.values())))   # not the base component
     profile = Expert(name=name, z={n: t.float().cpu() for n, t in z.items()}, label=PROFILE_LABEL,
                      description=json.dumps(desc), base_model=any_expert.base_model,
                      base_fingerprint=any_expert.base_fingerprint)

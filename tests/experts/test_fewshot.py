@@ -81,3 +81,35 @@ def test_fewshot_profile_by_loglik_prefers_the_expert_that_wrote_the_answers(tin
     assert desc["score"] == "loglik" and desc["loglik_on_shots"] == result.score[0]
     with pytest.raises(ValueError, match="score"):
         fewshot_profile(model, tok, factors, experts, shots, "x", score="pass@k", log=False)
+
+
+def test_with_the_base_component_the_search_can_choose_the_base_weights(tiny_model_dir, tmp_path):
+    """Reference answers written by the base model itself: every expert blend scores below the base, and the
+    search, given the base as one more component (an expert with no z-vectors), leans on it."""
+    import json
+    from experts.train.fewshot import BASE_COMPONENT
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    factors, fp = load_factors(tiny_model_dir, tmp_path / "f", progress=False)
+    ranks = model_ranks(tiny_model_dir)
+    experts = {n: random_expert(n, ranks, 0.6, seed, base_fingerprint=fp) for n, seed in (("a", 1), ("b", 2))}
+    ro = Rollouts(model, tok, max_new_tokens=4)
+    params = dict(model.named_parameters())
+    base = {n: params[n].data for n in factors}
+    task0 = Task("probe", "test", [Example(w, "") for w in WORDS], lambda t, e: True)
+    _, texts = ro.generate(ro.prompts(task0.examples, task0), base)
+    shots = Task("shots", "test", [Example(w, t) for w, t in zip(WORDS, texts)], lambda t, e: False)
+    base_ll = ro.answer_loglik(shots, shots.examples, None, texts)
+    # the base component alone is the base weights: nothing to patch
+    space = MixSpace.of({**experts, BASE_COMPONENT: Expert(BASE_COMPONENT, {})})
+    assert mixed_z(space, {**experts, BASE_COMPONENT: Expert(BASE_COMPONENT, {})}, [0.0, 0.0, 1.0]) == {}
+    without, r0 = fewshot_profile(model, tok, factors, experts, shots, "p0", config=CEMConfig(population=6,
+                                  iterations=3, seed=0), log=False, score="loglik")
+    pool = {**experts, BASE_COMPONENT: Expert(BASE_COMPONENT, {})}
+    with_base, r1 = fewshot_profile(model, tok, factors, pool, shots, "p1", config=CEMConfig(population=6,
+                                    iterations=3, seed=0), log=False, score="loglik")
+    assert r0.score[0] < base_ll                         # no blend of the experts alone reaches the base
+    assert r1.score[0] > r0.score[0]                     # the base component closes part of the gap
+    desc = json.loads(with_base.description)
+    assert with_base.base_fingerprint == fp and desc["weights"][BASE_COMPONENT] > 0
+    assert abs(desc["base_loglik_on_shots"] - base_ll) < 1e-4      # the bar the profile had to clear, recorded
