@@ -172,8 +172,11 @@ def test_killing_a_replica_under_load(proxy, live):
         with ThreadPoolExecutor(4) as pool:
             rs = list(pool.map(lambda i: proxy.post("/v1/chat/completions", json=body(i, f"{model}:kept", False, 2)),
                                range(4)))
-        # while Ray notices the death a request may still meet it (a 5xx); a 404 would be a lost expert
-        assert all(r.status_code == 200 or r.status_code >= 500 for r in rs), [r.text for r in rs]
+        # while Ray notices the death a request may still meet it (a 5xx), or meet Ray's proxy while it updates
+        # its routes (an answer without our replica header); a replica's 404 would be a lost expert
+        from_replica = [r for r in rs if "x-t2-replica" in r.headers]
+        assert all(r.status_code == 200 or r.status_code >= 500 for r in from_replica), \
+            [(r.status_code, r.headers.get("x-t2-replica"), r.text) for r in rs]
         seen |= {r.headers["x-t2-replica"] for r in rs if r.status_code == 200}
         if len(seen - {victim["id"]}) >= 2:
             break
