@@ -65,6 +65,7 @@ def _run(name: str, label: str, task, valid_size: int, model: Optional[Path], ou
     (run_dir / "recipe.json").write_text(json.dumps(
         {"argv": sys.argv, "name": name, "label": label, "model": str(model_dir), "fingerprint": fp,
          "task": task.name, "examples": len(task.examples), "valid_size": valid_size,
+         "valid": {"examples": len(valid.examples), "own_file": valid_task is not None},
          "targets": list(targets), "config": vars(config)}, indent=1))
     trainer = Trainer(lm, tok, factors, train, valid, config, run_dir, expert_name=name, label=label,
                       base_model=base_name, base_fingerprint=fp)
@@ -93,6 +94,8 @@ _COMMON = dict(  # options several commands share
 def train(name: str = typer.Argument(..., help="Expert name."),
           task: str = typer.Option(..., help="gsm8k | math | arc | mbpp | humaneval"),
           data: Optional[Path] = typer.Option(None, help="JSONL file of that format (not for humaneval)."),
+          valid_data: Optional[Path] = typer.Option(None, help="A JSONL file of the same format for validation "
+                                                    "(its first --valid-size rows; all of --data then trains)."),
           label: str = typer.Option(..., help="math | code | reasoning | ..."),
           description: str = typer.Option(""),
           valid_size: int = _COMMON["valid_size"], model: Optional[Path] = _COMMON["model"],
@@ -108,10 +111,11 @@ def train(name: str = typer.Argument(..., help="Expert name."),
     from experts.tasks import load_task
     try:
         t = load_task(task, data)
+        v = load_task(task, valid_data) if valid_data is not None else None
     except (ValueError, OSError) as e:
         _fail(e)
     try:
-        _run(name, label, t, valid_size, model, out, run_dir, attention, device, description,
+        _run(name, label, t, valid_size, model, out, run_dir, attention, device, description, valid_task=v,
              steps=steps, batch_size=batch_size, lr=lr, kl_coef=kl_coef, grad_clip=grad_clip,
              max_new_tokens=max_new_tokens, temperature=temperature, baseline=baseline, val_every=val_every,
              val_size=val_size, seed=seed)

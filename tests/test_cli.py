@@ -94,6 +94,16 @@ def test_train_and_fewshot_commands_end_to_end(tiny_model_dir, tmp_path):
     assert e.label == "math" and e.base_fingerprint == model_fingerprint(tiny_model_dir)
     assert (tmp_path / "run" / "recipe.json").exists()
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 3
+    # validation from a file of its own: every row of --data trains
+    write("arithmetic", tmp_path / "valid.jsonl", 3, seed=5)
+    code, out = run("train", "m1v", "--task", "gsm8k", "--data", tmp_path / "math.jsonl", "--valid-data",
+                    tmp_path / "valid.jsonl", "--valid-size", "2", "--label", "math", "--model", tiny_model_dir,
+                    "--out", tmp_path / "experts-v", "--run-dir", tmp_path / "run-v", "--steps", "1",
+                    "--batch-size", "2", "--max-new-tokens", "2", "--val-every", "1", "--val-size", "2",
+                    "--device", "cpu")
+    assert code == 0, out
+    recipe = json.loads((tmp_path / "run-v" / "recipe.json").read_text())
+    assert recipe["examples"] == 12 and recipe["valid"] == {"examples": 2, "own_file": True}
     from experts.expert import random_expert
     random_expert("m2", model_ranks(tiny_model_dir), 0.3, 5, label="code",
                   base_fingerprint=model_fingerprint(tiny_model_dir)).save(tmp_path / "experts" / "m2.safetensors")
