@@ -88,12 +88,9 @@ def bare_round(model, rows: int, prompt_len: int, steps: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=2)
-    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from vs_transformers_serve import load_args
+    args = load_args(__doc__).parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from server.default_model import default_cache_dir, ensure_default_model
     torch.set_grad_enabled(False)

@@ -116,12 +116,18 @@ def run_t2(port: int, args, log: Path, mixed: bool) -> float:
         stop(proc)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def load_args(doc: str) -> argparse.ArgumentParser:
+    """The load both embedded-engine benchmarks use: N chat requests, C at a time, T tokens, R rounds."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
+    return ap
+
+
+def main() -> None:
+    ap = load_args(__doc__)
     ap.add_argument("--mixed", action="store_true", help="also t2 with requests spread over every served id")
     ap.add_argument("--model", type=Path, default=Path.home() / ".cache/t2/models/SmolLM2-135M-Instruct")
     args = ap.parse_args()

@@ -12,9 +12,9 @@ the answer with the task's own grader, and report:
   second pass = the request's wall time minus it (patch + generation); patch = the report's `patch_ms`.
 With `limit` 0 only the timing phase runs.
 With `own_task`, an expert is only run on the tasks of its label and a profile only on the task it was made
-for (Table 1 of the paper is that diagonal); a profile is never scored on the examples it was searched on
-(its description's `shot_indices`), and its row shows the base on the same examples; base and strategies always run on every task. Cells not run
-are left out of the JSON and shown as "—".
+for (Table 1 of the paper is that diagonal); base and strategies always run on every task. A profile is
+never scored on the examples it was searched on (its description's `shot_indices`), and its row shows the
+base on the same examples. Cells not run are left out of the JSON and shown as "—".
 Every cell keeps its per-example correctness (`per_example`: 1 / 0 in example order, None for an example not
 answered), so each variant is compared with `base` by an exact McNemar test on the same examples (the
 p-value next to the interval), and a "mixed" table pools all tasks into one unlabelled held-out set: base
@@ -148,14 +148,15 @@ async def evaluate(url: str, tasks: list[tuple[Any, str]], limit: int, max_token
                  for t, _, v in pairs}
         strategies = [(t, label, v) for t, label, v in pairs if cells[(t.name, v)].is_strategy]
 
-        def asked(task: Any, variant: str) -> list[int]:
+        def scored(task: Any, variant: str) -> set[int]:
             """The examples a variant is scored on: the first `limit`, less a profile's own shots (on its task)."""
             _, _, scope, skipped = offered[variant]
             own = scope is not None and scope[0] == "task" and scope[1] == task.name
-            return [i for i in range(min(limit, len(task.examples))) if not (own and i in skipped)]
+            return {i for i in range(min(limit, len(task.examples))) if not (own and i in skipped)}
 
+        asked = {(t.name, v): scored(t, v) for t, _, v in pairs}
         sem = asyncio.Semaphore(concurrency)
-        done, total = 0, sum(len(asked(t, v)) for t, _, v in pairs)
+        done, total = 0, sum(map(len, asked.values()))
         start = time.monotonic()
         stop_at = start + time_budget * 60 if time_budget else math.inf
 
@@ -192,7 +193,7 @@ async def evaluate(url: str, tasks: list[tuple[Any, str]], limit: int, max_token
 
         # task by task in the order given; within a task every variant of example i before example i + 1
         await asyncio.gather(*(one(t, label, v, i) for t, label in tasks for i in range(min(limit, len(t.examples)))
-                               for u, _, v in pairs if u is t and i in asked(t, v)))
+                               for u, _, v in pairs if u is t and i in asked[(t.name, v)]))
         if progress and done < total:
             print(f"eval stopped by the time budget after {done}/{total} answers", flush=True)
 

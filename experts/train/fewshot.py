@@ -35,9 +35,9 @@ def fewshot_profile(model: Any, tokenizer: Any, factors: Mapping[str, Factors], 
                     shots: Any, name: str, *, per_matrix: bool = False, config: CEMConfig = CEMConfig(),
                     max_new_tokens: int = 96, log: bool = True, score: str = "accuracy",
                     shot_indices: Sequence[int] | None = None) -> tuple[Expert, CEMResult]:
-    """1. the objective over α; 2. the base's score on the shots, CEM; 3. the best α's z' as a profile expert. `shot_indices` (the shots'
-    positions in the full task) go into the description, so that `t2 eval` can keep them out of the
-    profile's score."""
+    """1. the objective over α; 2. the base's score on the shots, then CEM; 3. the best α's z' as a profile
+    expert. `shot_indices` (the shots' positions in the full task) go into the description, so that `t2 eval`
+    can keep them out of the profile's score."""
     if score not in ("accuracy", "loglik"):
         raise ValueError(f"score must be 'accuracy' or 'loglik', got {score!r}")
     # 1. objective
@@ -73,8 +73,9 @@ def fewshot_profile(model: Any, tokenizer: Any, factors: Mapping[str, Factors], 
     # 3. profile
     z = mixed_z(space, experts, result.alpha)
     table = space.weights(result.alpha)
-    desc = {"task": shots.name, "experts": list(space.experts), "per_matrix": per_matrix, "shots": len(shots.examples),
-            "score": score, score + "_on_shots": result.score[0], "base_" + score + "_on_shots": base_score[0], "weights": table["*"] if not per_matrix else "per matrix"}
+    desc = {"task": shots.name, "experts": list(space.experts), "per_matrix": per_matrix,
+            "shots": len(shots.examples), "score": score, score + "_on_shots": result.score[0],
+            "base_" + score + "_on_shots": base_score[0], "weights": table["*"] if not per_matrix else "per matrix"}
     if shot_indices is not None:
         desc["shot_indices"] = [int(i) for i in shot_indices]
     any_expert = next((e for e in experts.values() if e.z), next(iter(experts.values())))   # not the base component
