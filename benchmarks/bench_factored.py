@@ -3,7 +3,8 @@ choice of path, and the precision of the factored form.
 
 For the model (default: the embedded SmolLM2-135M-Instruct, fp32, CPU) it loads the real HFEngine (factors,
 factored layers, gain slots), fills `--adaptations` random gain slots, and times (min of `--repeat`):
-- prefill of B × 64 tokens and one decode step at batch B (KV cache), for B in `--batches`:
+- prefill of B × 64 tokens and one decode step at batch B (the engine's ragged forward and KV pool), for
+  B in `--batches`:
   dense (weights patched to one adaptation) / factored, one adaptation / factored, B rows over all slots;
 - the patch (swap) itself: composing W' and copying a cached W' — what going dense costs;
 - precision: one MLP matrix, factored vs the dense W' (fp32 reference), in fp32 and bf16, next to the dense
@@ -18,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
 
 from experts.expert import random_expert
 from experts.factored import FactoredMatrix, factored_matmul, gains, relative_error
@@ -62,28 +62,30 @@ def main() -> None:
           "factored mixed (ms) | decode factored/dense |")
     print("|---|---|---|---|")
     for B in a.batches:
-        ids = torch.randint(100, 4000, (B, 64))
-        mask = torch.ones_like(ids)
-        pos = torch.arange(64).expand(B, 64)
-        one = torch.full((B,), jobs[0].slot, dtype=torch.long)
-        mixed = torch.tensor([jobs[i % len(jobs)].slot for i in range(B)])
+        prompts = torch.randint(100, 4000, (B, 64)).tolist()
+        nxt = [[t] for t in torch.randint(100, 4000, (B,)).tolist()]
+        per_token = lambda slots, n: torch.tensor([s for s in slots for _ in range(n)], dtype=torch.long)  # noqa: E731
+        one = [jobs[0].slot] * B
+        mixed = [jobs[i % len(jobs)].slot for i in range(B)]
         res = {}
-        for tag, set_path in (("dense", eng.path.dense), ("f1", lambda: eng.path.factored(one)),
-                              ("fmix", lambda: eng.path.factored(mixed))):
-            set_path()
-            pre = best(lambda: eng._forward(ids, mask, None, pos), max(2, a.repeat // 4))
-            cache = DynamicCache()
-            eng._forward(ids, mask, cache, pos)
-            nxt = torch.randint(100, 4000, (B, 1))
-            state = {"mask": mask, "pos": pos[:, -1:]}
+        for tag, slots in (("dense", None), ("f1", one), ("fmix", mixed)):
+            def set_path(n: int, slots=slots) -> None:
+                eng.path.dense() if slots is None else eng.path.factored(per_token(slots, n))
 
-            def step():
-                state["mask"] = torch.cat([state["mask"], state["mask"].new_ones((B, 1))], 1)
-                state["pos"] = state["pos"] + 1
-                if tag != "dense":
-                    set_path()                           # the per-step gather is part of the cost
-                eng._forward(nxt, state["mask"], cache, state["pos"])
+            def prefill() -> list:
+                set_path(64)
+                kvs = [eng.ragged.new_kv() for _ in range(B)]
+                eng.ragged.forward(kvs, prompts)
+                return kvs
+            pre = best(prefill, max(2, a.repeat // 4))
+            kvs = prefill()
+
+            def step() -> None:
+                set_path(1)                                  # the per-step gather is part of the cost
+                eng.ragged.forward(kvs, nxt)
             res[tag] = (pre, best(step, a.repeat))
+            for kv in kvs:
+                kv.release()
         d, f1, fm = res["dense"], res["f1"], res["fmix"]
         print(f"| {B} | {d[0]:.0f} / {f1[0]:.0f} / {fm[0]:.0f} | {d[1]:.1f} / {f1[1]:.1f} / {fm[1]:.1f} | "
               f"{fm[1] / d[1]:.2f} |")

@@ -115,19 +115,15 @@ def swap_vs_decode(model_dir: Path, experts_dir: Path, cache: Path) -> dict:
             restore.append(eng._apply(BASE).ms)
     # one decode step: 64 greedy tokens after a short prefill, single sequence
     import torch
-    from transformers import DynamicCache
     ids = eng.tokenizer(QUESTION)["input_ids"]
     with torch.no_grad():
-        cache_ = DynamicCache()
-        logits, mask = eng._prefill([ids], cache_)
-        pos = mask.sum(-1, keepdim=True) - 1
+        kv = eng.ragged.new_kv()
+        logits = eng.ragged.forward([kv], [ids])                     # the engine's own forward: prefill
         steps = []
         for _ in range(64):
-            tok = logits.argmax(-1, keepdim=True)
-            mask = torch.cat([mask, mask.new_ones((1, 1))], 1)
-            pos = pos + 1
+            tok = int(logits[0].argmax())
             t0 = time.perf_counter()
-            logits = eng._forward(tok, mask, cache_, pos)
+            logits = eng.ragged.forward([kv], [[tok]])               # one decode step
             steps.append((time.perf_counter() - t0) * 1e3)
     step = statistics.median(steps)
     med = statistics.median

@@ -4,7 +4,7 @@ engine's factored form on CUDA in bf16 with a Llama-3-8B config and random weigh
 1. build LlamaForCausalLM(Llama-3-8B config, `--layers` of them) in bf16 on the device, random weights;
 2. decompose every MLP matrix there (fp32 SVD), install the engine's layers (server/engines/hf_factored.py:
    dense through the patched weights, factored with a per-row gain slot), `--adaptations` random gain rows;
-3. time one decode step (KV cache of `--context` tokens) at 1, 8, 64, 256 rows: dense (weights patched to one
+3. time one decode step of the engine's ragged forward (KV of `--context` tokens) at 1, 8, 64, 256 rows: dense (weights patched to one
    adaptation), factored with one adaptation, factored with every row's slot different (mixed), and print
    factored/dense and mixed/one;
 4. the bf16 error of the factored form against the dense W' (fp32 reference), next to the dense bf16 error.
@@ -20,11 +20,12 @@ import json
 import time
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from experts.factored import FactoredMatrix, GainTable, factored_matmul, gains, relative_error
 from experts.patch import ModelPatcher, SVFMatrix, svf_delta
 from experts.svd import Factors, target_names
+from server.engines.hf_ragged import RaggedForward
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                  vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5)
@@ -92,26 +93,31 @@ def main() -> None:
     patcher.apply("a1", lambda: zs[0])                                   # dense = adaptation 1's W'
     # 3. decode steps
     results = []
+    ragged = RaggedForward(model)                                      # the embedded engine's forward
     for B in a.rows:
-        ids = torch.randint(100, cfg.vocab_size - 1, (B, a.context), device=device)
-        one = torch.ones(B, dtype=torch.long, device=device)
-        mixed = torch.arange(B, device=device) % a.adaptations + 1
+        prompts = torch.randint(100, cfg.vocab_size - 1, (B, a.context)).tolist()
+        nxt = [[t] for t in torch.randint(100, cfg.vocab_size - 1, (B,)).tolist()]
         row = {"rows": B}
-        for tag, set_path in (("dense", path.dense), ("factored_one", lambda: path.factored(one)),
-                              ("factored_mixed", lambda: path.factored(mixed))):
-            set_path()
-            cache = DynamicCache()
-            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            nxt = torch.randint(100, cfg.vocab_size - 1, (B, 1), device=device)
-            pos = torch.full((B, 1), a.context, device=device)
+        for tag, slots in (("dense", None), ("factored_one", [1] * B),
+                           ("factored_mixed", [i % a.adaptations + 1 for i in range(B)])):
+            def set_path(n: int, slots=slots) -> None:
+                if slots is None:
+                    path.dense()
+                else:
+                    path.factored(torch.tensor([s for s in slots for _ in range(n)], device=device))
+            kvs = [ragged.new_kv() for _ in range(B)]
+            set_path(a.context)
+            ragged.forward(kvs, prompts)
 
             def step():
-                set_path()                                             # the per-step gather counts
-                model(input_ids=nxt, past_key_values=cache, position_ids=pos, use_cache=True, logits_to_keep=1)
-                for layer in cache.layers:                             # keep the context length fixed
-                    layer.keys, layer.values = layer.keys[:, :, :a.context], layer.values[:, :, :a.context]
+                set_path(1)                                            # the per-step gather counts
+                ragged.forward(kvs, nxt)
+                for kv in kvs:                                         # keep the context length fixed
+                    kv.length = a.context
             row[tag] = round(timed(step, device, a.repeat), 3)
-            del cache
+            for kv in kvs:
+                kv.release()
+        ragged.pool.trim()
         row["factored/dense"] = round(row["factored_mixed"] / row["dense"], 3)
         row["mixed/one"] = round(row["factored_mixed"] / row["factored_one"], 3)
         results.append(row)

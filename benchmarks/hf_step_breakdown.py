@@ -5,7 +5,8 @@ forward of a plain HF model outside the engine.
 
 1. The engine (fp32, the default model, base weights only: the dense path) serves `requests` greedy requests
    of `max-tokens` tokens (ignore_eos), `clients` at a time, through `HFEngine.generate`; wrappers around its
-   step methods (decode, the newcomers' prefill, sampling, cache merges) add up their wall time.
+   step methods (the step, newcomers joining, sampling, the path choice) and the ragged forward add up their
+   wall time.
 2. The same number of rows decodes `max-tokens` steps with a plain `AutoModelForCausalLM` and a DynamicCache,
    masked and positioned as the engine does, in this thread.
 Rounds alternate 1 and 2 (this machine's noise is ±15 % from run to run). Prints one line per measurement.
@@ -29,7 +30,7 @@ from experts.mix import Adaptation  # noqa: E402
 from server.engines import hf as H  # noqa: E402
 from server.engines.base import GenerateRequest, SamplingParams  # noqa: E402
 
-TIMED = ("_decode", "_prefill_joiners", "_sample", "_set_path")
+TIMED = ("_step", "_join", "_sample", "_set_path")
 
 
 def instrument() -> tuple[dict, dict]:
@@ -46,7 +47,8 @@ def instrument() -> tuple[dict, dict]:
         return g
     for n in TIMED:
         setattr(H.HFEngine, n, timed(n, getattr(H.HFEngine, n)))
-    H._merge_caches = timed("_merge_caches", H._merge_caches)
+    from server.engines import hf_ragged as R
+    R.RaggedForward.forward = timed("forward", R.RaggedForward.forward)
     return spent, calls
 
 
@@ -64,8 +66,8 @@ async def engine_round(engine, prompts, args, spent, calls) -> None:
     t0 = time.perf_counter()
     n = sum(await asyncio.gather(*(one(i) for i in range(args.requests))))
     dt = time.perf_counter() - t0
-    rows = args.requests * args.max_tokens / max(1, calls["_decode"])
-    print(f"engine: {n / dt:.1f} tok/s, {calls['_decode']} decode steps ({rows:.1f} rows each), "
+    rows = args.requests * args.max_tokens / max(1, calls["_step"])
+    print(f"engine: {n / dt:.1f} tok/s, {calls['_step']} steps ({rows:.1f} rows each), "
           + ", ".join(f"{k.strip('_')} {spent[k]:.2f} s ({spent[k] / calls[k] * 1e3:.1f} ms x {calls[k]})"
                       for k in spent), flush=True)
 

@@ -84,7 +84,7 @@ def serve(**fields) -> None:
     import uvicorn
     from pydantic import ValidationError
 
-    from server.engines.factory import EngineConfig, StartupError, check_startup, make_engine
+    from server.engines.factory import EngineConfig, StartupError, check_startup, in_own_thread, make_engine
     # 1. the config (every value checked once)
     try:
         config = ServerConfig(**fields)
@@ -95,8 +95,11 @@ def serve(**fields) -> None:
     # 2. before any port is bound: the model folder, the experts (each file against the base), the engine's
     #    settings (vLLM's engine arguments included); each failure is one line naming the file, exit 1
     try:
-        engine_config = EngineConfig.from_server_config(config)
-        check_startup(engine_config)
+        def prepare() -> EngineConfig:        # in a thread that ends: no OpenMP pool left behind (in_own_thread)
+            cfg = EngineConfig.from_server_config(config)
+            check_startup(cfg)
+            return cfg
+        engine_config = in_own_thread(prepare)
         if config.ray:        # each replica makes its own engine (server/ray_serve.py, the one module importing ray)
             try:
                 from server.ray_serve import run as run_on_ray

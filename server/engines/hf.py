@@ -3,11 +3,13 @@
 Contract:
 - Serves any local HF folder of the Llama / Mistral / Qwen2 families (safetensors), on CPU or CUDA; with a
   GPU the factors live on the GPU and patching happens there.
-- One worker thread owns the model and runs one continuous batch whose rows may belong to any number of
-  adaptations. Between two decode steps it takes (server/engines/scheduler.py) waiting first passes (run
-  at once, their own prefill) and newcomers (prefilled, then merged into the running batch), oldest first,
-  each only if its adaptation has a gain slot (server/engines/slots.py, at most `max_adaptations` live
-  adaptations); a request without a slot waits and does not hold up the others.
+- One worker thread owns the model (it loads it, and every torch computation of the engine runs in it) and
+  runs one continuous batch whose rows may belong to any number of adaptations. Between two steps it takes
+  (server/engines/scheduler.py) waiting first passes (run at once, their own forward) and newcomers, oldest
+  first, each only if its adaptation has a gain slot (server/engines/slots.py, at most `max_adaptations`
+  live adaptations); a request without a slot waits and does not hold up the others.
+- A step is one flat ragged forward (server/engines/hf_ragged.py): the running rows' next tokens and the
+  newcomers' whole prompts side by side, no padding; each row's keys and values stay in its row of a KV pool.
 - Every forward takes one of two paths (server/engines/hf_factored.py), chosen per step:
   * dense: every row of the step belongs to the adaptation the weights hold (the ModelPatcher's W'): no
     extra cost, exactly today's path;
@@ -16,15 +18,15 @@ Contract:
   cached or the base, a copy; `compose_after` when it must be composed), the weights are patched to it (the
   factored rows never read them) and the steps go dense again. So no row is ever computed
   with another request's gains, and one-adaptation traffic runs as fast as before.
-- scoring (the dispatch pass): one left-padded prefill, then a constrained choice among the candidates'
-  first tokens (a further step only for candidates that share a first token); generation: left-padded
-  prefill + decode with a KV cache, per-row sampling (greedy, temperature, top_p, seeded generators), stop
-  strings, eos, max_tokens; finished or cancelled rows leave the batch and release their slot. A row with a
+- scoring (the dispatch pass): one ragged prefill, then a constrained choice among the candidates'
+  first tokens (a further forward only for candidates that share a first token); generation: per-row
+  sampling (greedy, temperature, top_p, seeded generators), stop strings, eos, max_tokens; finished or
+  cancelled rows leave the batch and release their slot and their KV row. A row with a
   constraint (structured outputs) has its own xgrammar matcher, which masks that row's logits before it
   samples and advances on the token it took (server/engines/structured.py).
 - Results reach the event loop through `loop.call_soon_threadsafe`; the loop never runs model code.
-- A fault fails the requests of the failing forward (newcomers' prefill: them; a decode step: the running
-  rows), /health reports it until a forward succeeds again, and the worker goes on. `fault_hook` (tests
+- A fault fails the requests of the failing forward (a step: its rows; newcomers failing before it: them),
+  /health reports it until a forward succeeds again, and the worker goes on. `fault_hook` (tests
   only) is called before newcomers are run; whatever it raises is such a fault.
 - Runtime expert changes run as control work in the worker between steps. Unloading: from the moment it
   starts, new requests for the expert get 404 and waiting ones fail with 404; rows already running finish
@@ -34,7 +36,6 @@ Contract:
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import math
 import threading
@@ -45,7 +46,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from experts.errors import ExpertNotFound
 from experts.expert import Expert
@@ -57,15 +58,17 @@ from server.engines.base import Engine, EngineHealth, GenerateRequest, LabelScor
 from server.engines.detok import Detokenizer
 from server.engines.common import check_servable, label_walk, load_experts, resolve_device, resolve_dtype, walk_sync
 from server.engines.hf_factored import install
+from server.engines.hf_ragged import KV, RaggedForward, check as ragged_check
 from server.engines.sampling import new_generator, prompt_logprobs, sample, token_logprob
 from server.engines.scheduler import Batch, Job, JobKind, Scheduler
 from server.engines.slots import Slots
 from server.engines.structured import Grammars
+from server.engines.factory import StartupError
 from server.errors import Conflict, EngineUnavailable, ModelNotFound
 
 log = logging.getLogger("t2.engine.hf")
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class _Sink:
@@ -119,8 +122,8 @@ class HFEngine(Engine):
         self.fault_hook: Callable[[Batch], None] | None = None   # tests only: raise to inject a fault
         # the running generation batch (worker thread only)
         self._rows: list[_Row] = []
-        self._cache: DynamicCache | None = None
-        self._mask = self._positions = self._logits = None   # [B, T], [B, 1], [B, vocab]
+        self._next_ids: list[int] = []               # each running row's next token (its KV holds the rest)
+        self._logits: torch.Tensor | None = None     # [B, vocab] each row's next-token logits, until sampled
         self._uniform = ("", 0)                      # (key, steps) the running rows have all been of one key
         # counters (health, /metrics)
         self.joined = 0                               # sequences that joined a running batch
@@ -130,9 +133,27 @@ class HFEngine(Engine):
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
-        await asyncio.to_thread(self.load)
-        self._thread = threading.Thread(target=self._worker, name="t2-engine", daemon=True)
+        """Load in the worker thread itself, which then runs the steps: every torch computation of the
+        engine happens in that one thread (one OpenMP pool on a CPU; see factory.in_own_thread)."""
+        loop = asyncio.get_running_loop()
+        loaded = loop.create_future()
+
+        def settle(err: BaseException | None) -> None:
+            if not loaded.done():
+                loaded.set_result(None) if err is None else loaded.set_exception(err)
+
+        def run() -> None:
+            try:
+                self.load()
+            except BaseException as e:  # noqa: BLE001 - handed to start()'s caller
+                loop.call_soon_threadsafe(settle, e)
+                return
+            loop.call_soon_threadsafe(settle, None)
+            self._worker()
+
+        self._thread = threading.Thread(target=run, name="t2-engine", daemon=True)
         self._thread.start()
+        await loaded
 
     def load(self) -> None:
         """1. model + tokenizer; 2. factors (cached); 3. patchable matrices; 4. factored layers; 5. experts."""
@@ -140,10 +161,9 @@ class HFEngine(Engine):
         # 1. model
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype).to(self.device).eval()
         mtype = self.model.config.model_type
-        # transformers ≥ 5.2x names the KV cache argument `cache`; earlier 5.x `past_key_values`
-        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        _refuse(self.model, self.model_dir)
         if mtype not in SUPPORTED_TYPES:
-            log.warning("model type %r is not one of %s; trying anyway", mtype, SUPPORTED_TYPES)
+            log.warning("model type %r is not one of %s; its layout fits, trying it", mtype, SUPPORTED_TYPES)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.max_model_len = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
@@ -160,6 +180,7 @@ class HFEngine(Engine):
         # 4. factored layers: one gain table row per slot (slot 0 = base), the switch they all read
         self.gain_table = GainTable(self.patcher.ranks, self.slots.capacity + 1, self.device)
         self.path = install(self.model, self.patcher, self.gain_table, self.dtype)
+        self.ragged = RaggedForward(self.model)      # the one forward every step runs (server/engines/hf_ragged.py)
         # 5. experts
         self.spectra = {n: f.s.detach().cpu() for n, f in factors.items()}   # [rank] each: the rescale check
         self.experts = load_experts(self.experts_dir, self.patcher.ranks, self.fingerprint, self.model_name,
@@ -303,7 +324,8 @@ class HFEngine(Engine):
     def _worker(self) -> None:
         """One iteration = one step of the running batch:
         0. control work; 1. sample a token per running row (finished rows leave); 2. first passes waiting
-        (own prefill, own slots); 3. newcomers with a slot; 4. a decode step; 5. prefill newcomers, merge."""
+        (own forward, own slots); 3. newcomers with a slot become rows; 4. one forward: the running rows'
+        next tokens and the newcomers' prompts together."""
         torch.set_grad_enabled(False)
         sched = self.scheduler
         while not self._stopping:
@@ -312,14 +334,11 @@ class HFEngine(Engine):
                 self._sample()                                               # 1.
             scores = sched.take(JobKind.SCORE, sched.max_batch, self._admit)  # 2.
             if scores:
-                self._run_new(Batch(JobKind.SCORE, scores))
-            joiners: list[Job] = []                                          # 3.
-            if self._cache is None or _can_join(self._cache):
-                joiners = sched.take(JobKind.GENERATE, sched.max_batch - len(self._rows), self._admit)
-            if self._rows:
-                self._decode()                                               # 4.
-            if joiners:
-                self._run_new(Batch(JobKind.GENERATE, joiners))              # 5.
+                self._run_scores(scores)
+            joiners = sched.take(JobKind.GENERATE, sched.max_batch - len(self._rows), self._admit)   # 3.
+            new = self._join(joiners) if joiners else []
+            if self._rows or new:
+                self._step(new)                                              # 4.
             if not self._rows and not scores and not joiners and sched.wait(timeout=0.5):
                 time.sleep(0.005)      # work waits but none could be admitted (no slot yet): don't spin
 
@@ -360,26 +379,24 @@ class HFEngine(Engine):
             self._release(job)
             job.sink.put(err)
 
-    def _run_new(self, batch: Batch) -> None:
-        """Newly admitted jobs: scoring runs to its end; generation is prefilled and joins the batch."""
+    def _run_scores(self, jobs: list[Job]) -> None:
+        """Newly admitted first passes: scored to their end in their own forward."""
         try:
             if self.fault_hook is not None:
-                self.fault_hook(batch)
-            self._start(batch.jobs)
-            if batch.kind is JobKind.SCORE:
-                self._score(batch.jobs)
-            else:
-                self._prefill_joiners(batch.jobs)
+                self.fault_hook(Batch(JobKind.SCORE, jobs))
+            self._start(jobs)
+            self._score(jobs)
             self._fault = None
         except Exception as e:  # one bad batch fails its requests, never the server
-            self._fail(batch.jobs, e, f"{batch.kind.value} batch")
+            self._fail(jobs, e, "score batch")
 
     def _apply(self, adaptation: Adaptation):
         return self.patcher.apply(adaptation.key, lambda: mix_z(self.experts, adaptation))
 
     # -- the path of a step --------------------------------------------------------------------------
-    def _set_path(self, jobs: list[Job], decode: bool = False) -> str:
-        """Choose dense or factored for a forward over these jobs' rows (in batch order); count it.
+    def _set_path(self, jobs: list[Job], tokens: list[int], decode: bool = False) -> str:
+        """Choose dense or factored for a forward over these jobs' rows (in batch order, `tokens[i]` flat
+        tokens each); count it. Factored gives every token its row's gain slot.
 
         Dense only if every row is of the adaptation the weights hold. A decode step whose rows have all
         been of one other adaptation for `swap_after` steps (its W' cached or the base: the patch is a copy,
@@ -398,7 +415,8 @@ class HFEngine(Engine):
             self.path.dense()
             how = "dense"
         else:
-            idx = torch.tensor([j.slot for j in jobs], dtype=torch.long, device=self.device)   # [B]
+            idx = torch.tensor([j.slot for j, n in zip(jobs, tokens) for _ in range(n)],
+                               dtype=torch.long, device=self.device)                           # [T]
             self.path.factored(idx)
             how = "factored"
         self.steps[how] += 1
@@ -410,37 +428,18 @@ class HFEngine(Engine):
         return how
 
     # -- model work ----------------------------------------------------------------------------------
-    def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = 1
-        return ids.to(self.device), mask.to(self.device)     # [B, T], [B, T]
-
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache | None,
-                 positions: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         use_cache=cache is not None, logits_to_keep=1, **{self._cache_kw: cache})
-        return out.logits[:, -1, :].float()                   # [B, vocab]
-
-    def _prefill(self, seqs: list[list[int]], cache: DynamicCache | None):
-        ids, mask = self._left_pad(seqs)
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)          # [B, T]
-        return self._forward(ids, mask, cache, positions), mask
-
     def _score(self, jobs: list[Job]) -> None:
-        """Constrained choice of a label: one prefill (rows of any adaptations), then the first tokens decide."""
+        """Constrained choice of a label: one ragged prefill (rows of any adaptations), then the first tokens
+        decide (a further prefill only for candidates that share a first token)."""
         reqs: list[ScoreRequest] = [j.payload for j in jobs]
-        self._set_path(jobs)
-        logits, _ = self._prefill([r.prompt_ids for r in reqs], None)
+        self._set_path(jobs, [len(r.prompt_ids) for r in reqs])
+        logits = self.ragged.forward([self.ragged.new_kv() for _ in reqs], [r.prompt_ids for r in reqs])
         logp = torch.log_softmax(logits, -1)                    # [B, vocab]
 
         for row, (job, r) in enumerate(zip(jobs, reqs)):
             def next_logprobs(prefix: list[int], allowed: list[int], job: Job = job) -> dict[int, float]:
-                self._set_path([job])
-                lp = torch.log_softmax(self._prefill([prefix], None)[0][0], -1)
+                self._set_path([job], [len(prefix)])
+                lp = torch.log_softmax(self.ragged.forward([self.ragged.new_kv()], [prefix])[0], -1)
                 return {t: float(lp[t]) for t in allowed}
 
             first = {t: float(logp[row, t]) for t in {c[0] for c in r.candidates}}
@@ -449,66 +448,69 @@ class HFEngine(Engine):
             self._release(job)
             job.sink.put(scores)
 
-    def _prefill_joiners(self, jobs: list[Job]) -> None:
-        """Prefill newcomers (any adaptations) and merge them into the running batch (KV left-padded)."""
-        new = [_Row(j, self.tokenizer, self.device, self.grammars) for j in jobs]
-        self._set_path(jobs)
-        cache = DynamicCache()
-        logits, mask = self._prefill([r.req.prompt_ids for r in new], cache)
-        for job, r in zip(jobs, new):     # echo: the prompt's log-probabilities (one more prefill, all positions)
-            if r.req.params.prompt_logprobs is not None:
-                self._set_path([job])
-                ids = torch.tensor([r.req.prompt_ids], device=self.device)
-                full = self.model(input_ids=ids, logits_to_keep=0).logits[0]          # [T, vocab]
-                r.prompt_lps = prompt_logprobs(full, r.req.prompt_ids, r.req.params.prompt_logprobs)
-        positions = mask.sum(-1, keepdim=True) - 1                 # [B, 1] last position of each row
-        if self._rows:
+    def _join(self, jobs: list[Job]) -> list[_Row]:
+        """Newcomers become rows (their prompt is prefilled by the next step); a fault fails only them."""
+        batch = Batch(JobKind.GENERATE, jobs)
+        try:
+            if self.fault_hook is not None:
+                self.fault_hook(batch)
+            self._start(jobs)
+            new = [_Row(j, self.tokenizer, self.device, self.ragged.new_kv(), self.grammars) for j in jobs]
+            for row in new:     # echo: the prompt's log-probabilities (its own forward, every position)
+                if row.req.params.prompt_logprobs is not None:
+                    ids = row.req.prompt_ids
+                    self._set_path([row.job], [len(ids)])
+                    full = self.ragged.forward([self.ragged.new_kv()], [ids], all_logits=True)[0]   # [T, vocab]
+                    row.prompt_lps = prompt_logprobs(full, ids, row.req.params.prompt_logprobs)
+            return new
+        except Exception as e:  # one bad batch fails its requests, never the server
+            self._fail(jobs, e, "generate batch")
+            return []
+
+    def _step(self, new: list[_Row]) -> None:
+        """One forward for the whole batch: each running row's next token (from `_sample`) and each
+        newcomer's prompt, side by side; afterwards every row has the logits of its next token."""
+        if self._rows and new:
             self.joined += len(new)
-            self._cache, self._mask = _merge_caches(self._cache, self._mask, cache, mask)
-            self._logits = torch.cat([self._logits, logits])
-            self._positions = torch.cat([self._positions, positions])
-        else:
-            self._cache, self._logits, self._mask, self._positions = cache, logits, mask, positions
-        self._rows += new
+        rows = self._rows = self._rows + new
+        tokens = [[t] for t in self._next_ids] + [r.req.prompt_ids for r in new]
+        try:
+            self._set_path([r.job for r in rows], [len(t) for t in tokens], decode=True)
+            self._logits = self.ragged.forward([r.kv for r in rows], tokens)         # [B, vocab]
+            self._fault = None
+        except Exception as e:  # the step's rows fail, the worker goes on
+            self._fail([r.job for r in rows], e, "decode step")
+            self._reset()
 
     def _sample(self) -> None:
-        """One token per running row from the last logits; finished and cancelled rows leave (slot released)."""
+        """One token per running row from the last logits; finished and cancelled rows leave (slot released,
+        KV dropped)."""
         rows, logits = self._rows, self._logits
         next_ids, keep = [], []
         for b, row in enumerate(rows):
             tok = row.step(logits[b], self.eos_ids)
             if tok is not None:
-                keep.append(b)
+                keep.append(row)
                 next_ids.append(tok)
             else:
                 self._release(row.job)
+                row.kv.release()
         self._logits = None
+        self._rows, self._next_ids = keep, next_ids
         if not keep:
-            self._reset()
-            return
-        if len(keep) < len(rows):
-            idx = torch.tensor(keep, dtype=torch.long, device=self.device)
-            self._cache.batch_select_indices(idx)
-            self._mask, self._positions = self._mask[idx], self._positions[idx]
-            self._rows = [rows[b] for b in keep]
-        self._next_ids = next_ids
+            self._idle()
 
-    def _decode(self) -> None:
-        """One decode step for the running rows (their tokens from `_sample`)."""
-        try:
-            self._set_path([r.job for r in self._rows], decode=True)
-            ids = torch.tensor(self._next_ids, device=self.device).unsqueeze(1)             # [B, 1]
-            self._mask = torch.cat([self._mask, self._mask.new_ones((self._mask.shape[0], 1))], dim=1)  # [B, T+1]
-            self._positions = self._positions + 1
-            self._logits = self._forward(ids, self._mask, self._cache, self._positions)
-            self._fault = None
-        except Exception as e:  # the running rows fail, the worker goes on
-            self._fail([r.job for r in self._rows], e, "decode step")
-            self._reset()
+    def _idle(self) -> None:
+        """No running rows: forget the uniform streak; a KV pool grown past 512 positions is dropped."""
+        self._uniform = ("", 0)
+        if self.ragged.pool.capacity > 512:
+            self.ragged.pool.trim()
 
     def _reset(self) -> None:
-        self._rows, self._cache, self._mask, self._positions, self._logits = [], None, None, None, None
-        self._uniform = ("", 0)
+        for row in self._rows:
+            row.kv.release()
+        self._rows, self._next_ids, self._logits = [], [], None
+        self._idle()
 
     def _start(self, jobs: list[Job]) -> None:
         now = time.perf_counter()
@@ -516,10 +518,10 @@ class HFEngine(Engine):
             job.payload.stats.started = now
 
 class _Row:
-    """One sequence of a generation batch: its job, detokenizer, sampler, grammar matcher and token count."""
+    """One sequence of a generation batch: its job, KV, detokenizer, sampler, grammar matcher and token count."""
 
-    def __init__(self, job: Job, tokenizer: Any, device: torch.device, grammars: Grammars | None = None):
-        self.job, self.req = job, job.payload
+    def __init__(self, job: Job, tokenizer: Any, device: torch.device, kv: KV, grammars: Grammars | None = None):
+        self.job, self.req, self.kv = job, job.payload, kv     # kv: this sequence's keys and values
         self.detok = Detokenizer(tokenizer, self.req.params.stop)
         self.gen = new_generator(self.req.params.seed, device)
         c = self.req.params.constraint
@@ -558,32 +560,24 @@ class _Row:
         return tok if finish is None else None
 
 
-def _can_join(cache: DynamicCache) -> bool:
-    """Merging needs plain per-layer key/value tensors (not sliding-window or quantized layers)."""
-    return all(type(layer).__name__ == "DynamicLayer" and isinstance(getattr(layer, "keys", None), torch.Tensor)
-               for layer in getattr(cache, "layers", [None]))
+def check_layout(model_dir: Path) -> None:
+    """StartupError unless the embedded engine's forward can run this model folder (built on the meta
+    device from its config.json: nothing is read but the config)."""
+    from transformers import AutoConfig
+    try:
+        cfg = AutoConfig.from_pretrained(model_dir)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+    except (ValueError, KeyError, OSError) as e:
+        raise StartupError(f"--model {model_dir}: cannot build the model from its config.json: {e}") from None
+    _refuse(model, model_dir)
 
 
-def _merge_caches(a: DynamicCache, mask_a: torch.Tensor, b: DynamicCache,
-                  mask_b: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
-    """Stack two batches' KV caches [B, H, T, D] along the batch, left-padding the shorter one (masked)."""
-    ta, tb = mask_a.shape[1], mask_b.shape[1]
-    pad_a, pad_b = max(0, tb - ta), max(0, ta - tb)
-    for la, lb in zip(a.layers, b.layers):
-        la.keys = torch.cat([_pad_left(la.keys, pad_a), _pad_left(lb.keys, pad_b)])
-        la.values = torch.cat([_pad_left(la.values, pad_a), _pad_left(lb.values, pad_b)])
-    mask = torch.cat([_pad_left(mask_a, pad_a), _pad_left(mask_b, pad_b)])
-    return a, mask
-
-
-def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
-    """Zeros in front of the time axis: dim 2 of [B, H, T, D], dim 1 of a mask [B, T]."""
-    if n == 0:
-        return t
-    dim = 2 if t.dim() == 4 else 1
-    shape = list(t.shape)
-    shape[dim] = n
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
+def _refuse(model: Any, model_dir: Path) -> None:
+    why = ragged_check(model)
+    if why is not None:
+        raise StartupError(f"--model {model_dir}: model type {model.config.model_type!r} cannot run on the embedded "
+                           f"engine ({why}); it serves {', '.join(SUPPORTED_TYPES)}; try --engine vllm")
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -173,7 +173,9 @@ class RowMatcher:
         self._banned = banned                                          # [vocab] bool, or None
 
     def mask(self, logits: torch.Tensor) -> None:
-        """Forbidden next tokens of this row → -inf, in place. `logits` is this row's [vocab] (fp32)."""
+        """Forbidden next tokens of this row → -inf, in place. `logits` is this row's [vocab] (fp32), contiguous:
+        xgrammar's CPU kernel walks the raw buffer (a strided row would be masked at the wrong entries)."""
+        assert logits.is_contiguous(), "xgrammar masks a contiguous row only"
         self._m.fill_next_token_bitmask(self._bitmask)
         bitmask = self._bitmask if logits.device.type == "cpu" else self._bitmask.to(logits.device, non_blocking=True)
         xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=min(self.vocab_size, logits.shape[-1]))

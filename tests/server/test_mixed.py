@@ -82,27 +82,27 @@ def test_48_concurrent_requests_over_9_adaptations_equal_serial_answers(mixed):
 
 
 def test_factored_logits_of_a_mixed_batch_equal_each_rows_dense_logits(mixed):
-    """One forward, 9 rows of 9 adaptations (slots of the engine), vs each row alone with patched weights."""
+    """One ragged forward, 9 prompts of 9 lengths and 9 adaptations (slots of the engine), vs each prompt alone
+    through the model's own forward with patched weights."""
     eng = mixed.engine
     adaptations = [Adaptation.of(None)] + [Adaptation.of({e: 1}) for e in ("math", "code", "reasoning", "clf")] \
         + [Adaptation.of(b) for b in BLENDS] + [Adaptation.of({"math": 3, "clf": 1})]
-    prompt = eng.tokenizer("Explain why the sky is blue.")["input_ids"]
+    words = "Explain why the sky is blue and why sunsets are red".split()
+    prompts = [eng.tokenizer(" ".join(words[:3 + i]))["input_ids"] for i in range(len(adaptations))]  # ragged
 
     def work():
         from server.engines.scheduler import Job, JobKind
         jobs = [Job(JobKind.SCORE, a, payload=None) for a in adaptations]
         assert all(eng._admit(j) for j in jobs)
         try:
-            ids = torch.tensor([prompt] * len(jobs), device=eng.device)
-            mask, pos = torch.ones_like(ids), torch.arange(ids.shape[1], device=eng.device).expand_as(ids)
-            idx = torch.tensor([j.slot for j in jobs], device=eng.device)
+            idx = torch.tensor([j.slot for j, p in zip(jobs, prompts) for _ in p], device=eng.device)   # [T]
             eng.path.factored(idx)
-            fact = eng._forward(ids, mask, None, pos)                              # [9, vocab]
+            fact = eng.ragged.forward([eng.ragged.new_kv() for _ in prompts], prompts)   # [9, vocab], one forward
             dense = []
-            for a in adaptations:
+            for a, p in zip(adaptations, prompts):          # each row alone: patched weights, the model's own forward
                 eng._apply(a)
                 eng.path.dense()
-                dense.append(eng._forward(ids[:1], mask[:1], None, pos[:1])[0])
+                dense.append(eng.model(input_ids=torch.tensor([p], device=eng.device)).logits[0, -1].float())
             eng._apply(Adaptation.of(None))
             return fact, torch.stack(dense)
         finally:
@@ -133,12 +133,12 @@ def test_unload_while_its_rows_run(tiny_model_dir, tiny_experts_dir, tmp_path):
     admin = {"Authorization": "Bearer adm"}
     msg = [{"role": "user", "content": "Tell me a long story."}]
     with serve(tiny_model_dir, tiny_experts_dir, tmp_path, max_batch=1, admin_key="adm") as s:
-        fast = s.engine.model.forward
+        fast = s.engine.ragged.forward
 
         def slow(*a, **k):                         # a slow device: the running row stays a while
             time.sleep(0.01)
             return fast(*a, **k)
-        s.engine.model.forward = slow
+        s.engine.ragged.forward = slow
         url = s.url + "/v1/chat/completions"
         body = {"model": "tiny-llama:math", "messages": msg, "max_tokens": 60, "ignore_eos": True}
         with httpx.Client(timeout=60) as c, c.stream("POST", url, json={**body, "stream": True}) as stream:
@@ -175,6 +175,6 @@ def test_unload_while_its_rows_run(tiny_model_dir, tiny_experts_dir, tmp_path):
         assert finish[-1] == "length"                                          # the running row finished
         assert done == [False]                                                 # unload returned after it
         assert "math" not in s.engine.experts and s.engine.health().details["slots_held"] == 0
-        del s.engine.model.forward
+        del s.engine.ragged.forward
         ok = httpx.post(url, json={**body, "model": "tiny-llama:code", "max_tokens": 3}, timeout=60)
         assert ok.status_code == 200

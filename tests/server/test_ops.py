@@ -254,12 +254,12 @@ def test_full_scheduler_queue_gives_429_with_retry_after(tiny_model_dir, tiny_ex
 
 def slow_engine(engine, seconds: float = 0.01):
     """Make every forward pass of the real model take `seconds` longer (a slow device, for timing tests)."""
-    fast = engine.model.forward
+    fast = engine.ragged.forward
 
     def slow(*a, **k):
         time.sleep(seconds)
         return fast(*a, **k)
-    engine.model.forward = slow
+    engine.ragged.forward = slow
 
 
 def test_request_timeout_aborts_and_frees(tiny_model_dir, tiny_experts_dir, tmp_path):
@@ -270,7 +270,7 @@ def test_request_timeout_aborts_and_frees(tiny_model_dir, tiny_experts_dir, tmp_
         err = error_of(httpx.post(s.url + "/v1/chat/completions", json=body, timeout=60), 504)
         assert err["code"] == "request_timeout" and time.monotonic() - t0 < 20     # generous, ≪ 40 s
         wait_idle(s.url, timeout=30)
-        del s.engine.model.forward
+        del s.engine.ragged.forward
         slow_engine(s.engine, 0.01)                       # faster: the stream starts within the 0.5 s
         with httpx.stream("POST", s.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
             assert r.status_code == 200
@@ -301,7 +301,7 @@ def test_non_stream_client_disconnect_frees_its_slot_at_once(ops):
     try:
         wait_idle(ops.url, timeout=20)                  # generous for a loaded machine, far below 40 s
     finally:
-        del ops.engine.model.forward
+        del ops.engine.ragged.forward
     freed = time.monotonic() - t0
     assert ops.engine.health().ok and before.ok
     print(f"freed {freed:.2f} s after the disconnect")
@@ -335,7 +335,7 @@ def test_engine_fault_fails_the_request_flips_health_and_recovers(ops, oc):
 def test_engine_fault_mid_stream_is_an_error_event(ops):
     """A fault DURING decoding (the real model's forward raises once the stream is answering): the stream
     ends with an OpenAI error event naming the fault, then [DONE]; the server recovers."""
-    fast, armed = ops.engine.model.forward, threading.Event()
+    fast, armed = ops.engine.ragged.forward, threading.Event()
 
     def faulty(*a, **k):
         if armed.is_set():
@@ -343,7 +343,7 @@ def test_engine_fault_mid_stream_is_an_error_event(ops):
         time.sleep(0.005)
         return fast(*a, **k)
 
-    ops.engine.model.forward = faulty
+    ops.engine.ragged.forward = faulty
     c, r, it = _open_stream(ops.url, max_tokens=150)    # running (primed): the fault hits a decode step
     try:
         armed.set()
@@ -357,7 +357,7 @@ def test_engine_fault_mid_stream_is_an_error_event(ops):
                         json={"model": "tiny-llama", "messages": MSG, "max_tokens": 3, "stream": True})
         error_of(c2, 503)                                # before the first token: still a plain HTTP error
     finally:
-        del ops.engine.model.forward                    # back to the class's forward
+        del ops.engine.ragged.forward                    # back to the class's forward
         r.close()
         c.close()
     httpx.post(ops.url + "/v1/chat/completions", headers=AUTH, timeout=60,
