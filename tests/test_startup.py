@@ -102,6 +102,14 @@ def test_a_folder_that_is_not_a_model(tmp_path):
     assert str(tmp_path / "empty") in line and "config.json" in line
 
 
+def test_a_model_the_embedded_engine_cannot_run_is_one_line_naming_why(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, bos_token_id=0,
+                               eos_token_id=0)).save_pretrained(tmp_path / "gpt2")
+    line = one_line_error(serve("--model", tmp_path / "gpt2", "--cache-dir", tmp_path / "c"))
+    assert "gpt2" in line and "embedded engine" in line and "--engine vllm" in line
+
+
 def test_an_experts_folder_that_does_not_exist(tiny_model_dir, tmp_path):
     line = one_line_error(serve("--model", tiny_model_dir, "--experts", tmp_path / "no-such-experts",
                                 "--cache-dir", tmp_path / "c"))

@@ -110,5 +110,5 @@ def test_the_pool_grows_past_its_capacity_and_is_dropped_when_idle(model):
 
 def test_a_model_of_another_layout_is_refused_with_the_reason():
     from transformers import GPT2Config, GPT2LMHeadModel
-    m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
+    m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0))
     assert "Llama-style" in check(m)
