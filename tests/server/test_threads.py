@@ -42,4 +42,5 @@ def test_a_load_failure_reaches_start(tmp_path):
     eng = HFEngine(tmp_path / "m", cache_dir=tmp_path / "cache")
     with pytest.raises(Exception):
         asyncio.run(eng.start())
+    eng._thread.join(10)                          # the thread ends right after handing over the error
     assert not eng._thread.is_alive()
