@@ -167,7 +167,6 @@ class HFEngine(Engine):
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.max_model_len = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         # structured outputs: grammars over the model's whole logit width, ending on its eos tokens
         self.grammars = Grammars(self.tokenizer, int(self.model.get_output_embeddings().weight.shape[0]),
                                  self.eos_ids, any_whitespace=self.json_any_whitespace)

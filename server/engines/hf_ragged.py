@@ -171,6 +171,8 @@ class RaggedForward:
             d_masks = {None: (j[None, :] <= q_len[:, None])[:, None, None, :]}                     # [R, 1, 1, Lmax]
             for w in {w for w in self.windows if w is not None}:
                 d_masks[w] = d_masks[None] & (j[None, :] > q_len[:, None] - w)[:, None, None, :]
+        p_masks = {(i, w): self._prefill_mask(seqs[i].length, lens[i], w)                          # once per
+                   for i in pre for w in set(self.windows)}                                        # forward
         # 3. the layers
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
@@ -205,7 +207,7 @@ class RaggedForward:
                 if self.heads != self.kv_heads:
                     g = self.heads // self.kv_heads
                     keys, vals = keys.repeat_interleave(g, 0), vals.repeat_interleave(g, 0)       # [heads, L, d]
-                mask = self._prefill_mask(L0, n, self.windows[li])
+                mask = p_masks[i, self.windows[li]]
                 out = F.scaled_dot_product_attention(
                     q[a:a + n].transpose(0, 1)[None], keys[None], vals[None], attn_mask=mask,
                     is_causal=mask is None, scale=self.scaling[li])                                 # [1, heads, n, d]
