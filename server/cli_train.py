@@ -1,12 +1,13 @@
 """`t2 train`, `t2 train-classifier`, `t2 fewshot` and `t2 eval`: make experts and profiles, and measure them.
 
 Contract: one module-level function per command; `register(app)` adds them to the `t2` app (server/cli.py).
-`train` / `train-classifier` make experts with SVF + REINFORCE (experts/train/reinforce.py): each loads the
-base model (float32, CPU or a GPU), its cached SVD factors and the task data, trains with progress and a
-log, and writes `<out>/<name>.safetensors` (the best validation z) plus the run folder (log.jsonl,
-curve.png, checkpoint, recipe.json with every setting, so a run is reproducible and resumable: the same
-command resumes it). `fewshot` searches mixing weights with CEM on a few shots and saves a profile expert;
-`eval` measures a running server (clients/evaluate.py). Errors are one line, exit code 1.
+`train` / `train-classifier` make experts with SVF (REINFORCE or a supervised objective,
+experts/train/reinforce.py): each loads the base model (float32, CPU or a GPU), its cached SVD factors and
+the task data, trains with progress and a log, and writes `<out>/<name>.safetensors` (the best validation
+z) plus the run folder (log.jsonl, curve.png, checkpoint, recipe.json with every setting, so a run is
+reproducible and resumable: the same command resumes it). `fewshot` searches mixing weights with CEM on a
+few shots and saves a profile expert; `eval` measures a running server (clients/evaluate.py). Errors are
+one line, exit code 1.
 """
 
 from __future__ import annotations
@@ -106,10 +107,15 @@ def train(name: str = typer.Argument(..., help="Expert name."),
           max_new_tokens: int = _COMMON["max_new_tokens"], temperature: float = _COMMON["temperature"],
           baseline: bool = _COMMON["baseline"],
           val_every: int = _COMMON["val_every"], val_size: int = _COMMON["val_size"],
-          seed: int = _COMMON["seed"]) -> None:
-    """Train an SVF expert on a task with REINFORCE (reward ±1, optional KL penalty)."""
+          seed: int = _COMMON["seed"],
+          objective: str = typer.Option("reinforce", help="reinforce (the paper's: reward ±1 on greedy "
+                                        "rollouts) | likelihood (supervised: the log-likelihood of the task's "
+                                        "reference answers, no rollouts; gsm8k)")) -> None:
+    """Train an SVF expert on a task with REINFORCE (reward ±1) or reference likelihood; optional KL penalty."""
     from experts.tasks import load_task
     try:
+        if objective not in ("reinforce", "likelihood"):
+            raise ValueError(f"--objective must be reinforce or likelihood, not {objective!r}")
         t = load_task(task, data)
         v = load_task(task, valid_data) if valid_data is not None else None
     except (ValueError, OSError) as e:
@@ -118,7 +124,7 @@ def train(name: str = typer.Argument(..., help="Expert name."),
         _run(name, label, t, valid_size, model, out, run_dir, attention, device, description, valid_task=v,
              steps=steps, batch_size=batch_size, lr=lr, kl_coef=kl_coef, grad_clip=grad_clip,
              max_new_tokens=max_new_tokens, temperature=temperature, baseline=baseline, val_every=val_every,
-             val_size=val_size, seed=seed)
+             val_size=val_size, seed=seed, objective=objective)
     except ExpertError as e:
         _fail(e)
 

@@ -9,6 +9,10 @@ Contract:
   completion; `reward` maps it to +1 / −1 (the paper's reward, no baseline); `messages` builds the chat
   messages a model answers; `answer_prefix` is text the answer is forced to start with (the model continues
   it; the completion graded excludes it), as the server's first pass forces `Classification: \\boxed{`.
+  `reference_text` is the answer written out as a model should write it (the likelihood objective of
+  experts/train and the few-shot log-likelihood score): the task's `reference` function where it has one
+  (GSM8K: the worked solution ending in the instruction's "The answer is N."), else the example's
+  `metadata["solution"]`, else its `answer`.
   Graders never raise on malformed completions: anything unparsable is wrong.
 - `read_jsonl` / `write_jsonl` are the only file I/O: UTF-8, one JSON object per line, blank lines skipped,
   a bad line raises ValueError naming the file and the line number.
@@ -45,6 +49,7 @@ class Task:
     instruction: str = ""               # appended to every prompt, after a blank line
     system: str | None = None           # optional system message
     answer_prefix: str = ""             # the start of the assistant's answer, given, not generated
+    reference: Callable[["Example"], str] | None = None   # the answer as a model should write it
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -62,6 +67,12 @@ class Task:
     def reward(self, completion: str, example: Example) -> float:
         """+1.0 when correct, −1.0 otherwise (the paper's reward)."""
         return 1.0 if self.correct(completion, example) else -1.0
+
+    def reference_text(self, example: Example) -> str:
+        """The reference answer as text a model should write after the prompt (and `answer_prefix`)."""
+        if self.reference is not None:
+            return self.reference(example)
+        return str(example.metadata.get("solution") or example.answer)
 
     def user_text(self, example: Example) -> str:
         return f"{example.prompt.rstrip()}\n\n{self.instruction}" if self.instruction else example.prompt

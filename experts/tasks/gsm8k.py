@@ -4,6 +4,8 @@ Contract:
 - File format (JSON lines, as published): `question`, `answer` = worked solution ending in `#### <number>`.
   `load_gsm8k(path)` gives a `Task` (label `math`); each example's `answer` is the normalised number after
   `####` (commas and `$` removed) and `metadata["solution"]` the full worked solution.
+- `gsm8k_reference(example)`: the worked solution as the instruction asks for it: its lines before `####`,
+  then "The answer is N." (the task's `reference`, for likelihood training).
 - Grading (the paper's rule): correct iff the last number in the completion equals the reference exactly,
   as numbers (`1,000` = `1000`, `$5` = `5`, `5.0` = `5`); text after the number does not matter.
 """
@@ -30,6 +32,12 @@ def gsm8k_answer(solution: str) -> str:
     return num
 
 
+def gsm8k_reference(example: Example) -> str:
+    steps = str(example.metadata.get("solution", "")).rsplit("####", 1)[0].strip()
+    final = f"The answer is {example.answer}."
+    return f"{steps}\n{final}" if steps else final
+
+
 def grade_gsm8k(completion: str, example: Example) -> bool:
     return same_number(last_number(completion), example.answer)
 
@@ -41,7 +49,8 @@ def gsm8k_example(row: dict, where: str = "row") -> Example:
 
 
 def gsm8k_task(examples: list[Example], name: str = "gsm8k") -> Task:
-    return Task(name=name, label="math", examples=examples, grader=grade_gsm8k, instruction=INSTRUCTION)
+    return Task(name=name, label="math", examples=examples, grader=grade_gsm8k, instruction=INSTRUCTION,
+                reference=gsm8k_reference)
 
 
 def load_gsm8k(path: Path | str, name: str | None = None) -> Task:

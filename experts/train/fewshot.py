@@ -45,7 +45,7 @@ def fewshot_profile(model: Any, tokenizer: Any, factors: Mapping[str, Factors], 
     params = dict(model.named_parameters())
     base = {n: params[n].data for n in factors}
     space = MixSpace.of(experts, per_matrix)
-    answers = [str(e.metadata.get("solution") or e.answer) for e in shots.examples]
+    answers = [shots.reference_text(e) for e in shots.examples]
 
     calls = 0
 

@@ -1,4 +1,4 @@
-"""SVF training: REINFORCE over the z-vectors only, with a KL penalty to the base policy.
+"""SVF training: REINFORCE (or a supervised objective) over the z-vectors only, with a KL penalty to the base.
 
 Contract:
 - `SVFPolicy` holds one raw parameter p per adapted matrix ([rank], fp32; init 0.1 + 0.01·N(0,1) as the
@@ -10,6 +10,9 @@ Contract:
   the reference; 4. recompute the completion's log-probs with W'(p) through
   `torch.func.functional_call`, so gradients flow from dW' back into p; loss = −mean(A · mean log π'(y|x))
   + kl_coef · mean KL(π' ‖ π) per token; 5. clip the gradient norm, AdamW step.
+- `objective="likelihood"` replaces steps 2-4 by supervised next-token likelihood of the task's reference
+  answers (`_likelihood_step`); `objective="labels"` by cross-entropy over a choice task's labels
+  (`_label_step`). Both keep the KL option (likelihood) or not (labels), the clipping and the selection.
 - Every `val_every` steps the validation accuracy is measured (greedy) and the best z so far is kept;
   `save_expert` writes it as a regular expert file. A checkpoint (p, optimizer, step, best, log) is written
   to the run folder each validation and a run resumes from it. The log is a JSONL file plus a PNG plot.
@@ -61,7 +64,7 @@ class TrainConfig:
     init_mean: float = 0.1
     init_std: float = 0.01
     seed: int = 0
-    objective: str = "reinforce"       # or "labels": cross-entropy over a choice task's labels (see step)
+    objective: str = "reinforce"       # or "labels" (a choice task's labels) or "likelihood" (references)
 
 
 class SVFPolicy(torch.nn.Module):
@@ -113,6 +116,8 @@ class Trainer:
         batch = self.rng.sample(self.train.examples, min(self.cfg.batch_size, len(self.train.examples)))
         if self.cfg.objective == "labels":
             return self._label_step(batch, t0)
+        if self.cfg.objective == "likelihood":
+            return self._likelihood_step(batch, t0)
         # 2. rollouts under the current z
         patched = {n: w.detach() for n, w in self.policy.patched().items()}
         (enc, comp), texts = self.rollouts.generate(self.rollouts.prompts(batch, self.train), patched)
@@ -140,6 +145,31 @@ class Trainer:
                "train_acc": float((r > 0).float().mean()), "kl": float(kl.detach()), "grad_norm": float(gnorm),
                "seconds": round(time.perf_counter() - t0, 2)}
         return row
+
+    def _likelihood_step(self, batch: list[Any], t0: float) -> dict[str, float]:
+        """The supervised alternative for a task with reference answers (`task.reference_text`: GSM8K's
+        worked solution ending in "The answer is N."): loss = −mean log π'(y*|x) over the reference's tokens
+        and the end-of-turn token after it, + kl_coef · mean KL(π' ‖ π) on those positions, with gradients
+        through W'(p) as in REINFORCE; no rollouts, so a step costs one forward and backward. `reward` in
+        the log is the mean per-token log-likelihood of the references, before the update."""
+        enc, ids = self.rollouts.encode_answers(self.rollouts.prompts(batch, self.train),
+                                                [self.train.reference_text(e) for e in batch], end=True)
+        logp, logp_all, m = self.rollouts.token_logprobs(enc, ids, self.policy.patched())   # [B, L] each
+        loglik = (logp * m).sum() / m.sum().clamp_min(1)
+        loss = -loglik
+        kl = torch.zeros((), device=ids.device)
+        if self.cfg.kl_coef > 0:
+            with torch.no_grad():
+                _, base_all, _ = self.rollouts.token_logprobs(enc, ids, None)
+            kl = ((logp_all.exp() * (logp_all - base_all)).sum(-1) * m).sum() / m.sum().clamp_min(1)
+            loss = loss + self.cfg.kl_coef * kl
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.step_no += 1
+        return {"step": self.step_no, "loss": float(loss.detach()), "reward": float(loglik.detach()),
+                "kl": float(kl.detach()), "grad_norm": float(gnorm), "seconds": round(time.perf_counter() - t0, 2)}
 
     def _label_step(self, batch: list[Any], t0: float) -> dict[str, float]:
         """The supervised alternative for a choice task (one with `.choices`, the labels, and each example's
@@ -206,7 +236,7 @@ class Trainer:
 
     def save_expert(self, path: Path, description: str = "") -> Path:
         e = Expert(name=self.meta["name"], z={n: t.cpu() for n, t in self.best_z.items()}, label=self.meta["label"],
-                   description=description or f"SVF/REINFORCE, best validation accuracy {self.best_acc:.3f}",
+                   description=description or f"SVF/{self.cfg.objective}, best validation accuracy {self.best_acc:.3f}",
                    base_model=self.meta["base_model"], base_fingerprint=self.meta["base_fingerprint"])
         return e.save(path)
 
@@ -258,13 +288,15 @@ class Trainer:
             return None
         steps = [h["step"] for h in self.history if "reward" in h]
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(steps, [h["reward"] for h in self.history if "reward" in h], label="train reward", alpha=0.6)
+        reward = "train log-likelihood (per token)" if self.cfg.objective == "likelihood" else "train reward"
+        ax.plot(steps, [h["reward"] for h in self.history if "reward" in h], label=reward, alpha=0.6)
         val = [(h["step"], h["val_acc"]) for h in self.history if "val_acc" in h]
         if val:
             ax.plot(*zip(*val), "o-", label="validation accuracy")
         ax.set_xlabel("step")
-        ax.set_title(f"SVF {'label cross-entropy' if self.cfg.objective == 'labels' else 'REINFORCE'}: "
-                     f"{self.meta['name']}")
+        method = {"labels": "label cross-entropy", "likelihood": "reference likelihood"}.get(self.cfg.objective,
+                                                                                         "REINFORCE")
+        ax.set_title(f"SVF {method}: {self.meta['name']}")
         ax.legend()
         fig.tight_layout()
         path = self.run_dir / "curve.png"

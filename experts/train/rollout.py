@@ -8,7 +8,8 @@ Contract:
   temperature is set) with `weights` written into the model for the call and the base restored after, even
   on error. `token_logprobs(enc, completion_ids, weights)` recomputes the completion's log-probs with the
   weights passed through `torch.func.functional_call`, so gradients flow into whatever the weights were
-  computed from. `accuracy(task, weights)` and `answer_loglik(task, examples, weights)` build on those.
+  computed from. `accuracy(task, weights)` and `answer_loglik(task, examples, weights)` build on those;
+  `encode_answers(prompts, answers)` lays out given answers (references) for `token_logprobs`.
 - Tasks are duck-typed like experts.tasks.base.Task: `.examples`, `.messages(example)`, `.reward(text, example)`.
 """
 
@@ -139,16 +140,22 @@ class Rollouts:
         logits = out.logits[torch.arange(b, device=dev), last][:, list(choice_ids)].float()   # [B, C]
         return torch.log_softmax(logits, -1)
 
+    def encode_answers(self, prompts: list[str], answers: Sequence[str], end: bool = False) -> tuple[Any, torch.Tensor]:
+        """(left-padded prompt encoding, right-padded answer ids [B, L]) for `token_logprobs`; the pad tokens
+        after an answer are masked out by its first-stop rule. `end` appends the end-of-turn token to each
+        answer, so that stopping after it is part of what is scored (and trained)."""
+        enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
+        eos = self.tok.eos_token if end else ""
+        ans = self.tok([a + eos for a in answers], return_tensors="pt", padding=True, add_special_tokens=False,
+                       padding_side="right")
+        ids = ans["input_ids"].to(self.model.device)
+        ids = torch.where(ans["attention_mask"].to(ids.device) > 0, ids, torch.full_like(ids, self.tok.pad_token_id))
+        return enc, ids
+
     @torch.no_grad()
     def answer_loglik(self, task: Any, examples: Sequence[Any], weights: Mapping[str, torch.Tensor] | None,
                       answers: Sequence[str]) -> float:
         """Mean per-token log-likelihood of the reference `answers` after each example's prompt."""
-        enc = self.tok(self.prompts(examples, task), return_tensors="pt", padding=True,
-                       add_special_tokens=False).to(self.model.device)
-        ans = self.tok(list(answers), return_tensors="pt", padding=True, add_special_tokens=False,
-                       padding_side="right")
-        ids = ans["input_ids"].to(self.model.device)
-        ids = torch.where(ans["attention_mask"].to(ids.device) > 0, ids, torch.full_like(ids, self.tok.pad_token_id))
-        # right-padded answers: pad tokens after the answer are masked out by token_logprobs' first-stop rule
+        enc, ids = self.encode_answers(self.prompts(examples, task), answers)
         logp, _, m = self.token_logprobs(enc, ids, weights)
         return float((logp * m).sum() / m.sum().clamp_min(1))

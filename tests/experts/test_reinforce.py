@@ -118,3 +118,35 @@ def test_the_labels_objective_trains_the_choice_the_server_makes(setup, tmp_path
     history = t.fit(progress=False)
     assert history[0]["val_acc"] < 0.5 and t.best_acc > history[0]["val_acc"]
     assert all(h["loss"] > 0 for h in history if "loss" in h)
+
+
+def test_the_likelihood_objective_raises_the_references_likelihood(setup, tmp_path):
+    """Supervised next-token likelihood of the task's reference answers (no rollouts): after a few steps
+    the references, end-of-turn token included, are likelier under the trained z than under the base;
+    the model's own weights stay untouched and validation still selects by greedy accuracy."""
+    from dataclasses import replace
+    model, tok, factors, fp, (train, valid) = setup
+    before_w = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train = replace(train, reference=lambda e: "ocean forest ocean")        # an answer the base does not give
+    t = Trainer(model, tok, factors, train, valid, TrainConfig(steps=6, batch_size=8, lr=0.05, grad_clip=1.0,
+                max_new_tokens=2, val_every=3, val_size=16, objective="likelihood"), tmp_path / "run",
+                expert_name="ref", label="test")
+    enc, ids = t.rollouts.encode_answers(t.rollouts.prompts(train.examples[:8], train),
+                                         [train.reference_text(e) for e in train.examples[:8]], end=True)
+    assert (ids[:, -1] == tok.convert_tokens_to_ids(tok.eos_token)).all()   # the end of turn is scored
+    _, _, m = t.rollouts.token_logprobs(enc, ids, None)
+    assert int(m[0].sum()) == ids.shape[1]                                  # every reference token, eos too
+
+    def loglik(weights):
+        with torch.no_grad():
+            logp, _, m = t.rollouts.token_logprobs(enc, ids, weights)
+        return float((logp * m).sum() / m.sum())
+
+    base = loglik(None)
+    history = t.fit(progress=False)
+    trained = loglik({n: w.detach() for n, w in t.policy.patched().items()})
+    assert trained > base + 0.5, (base, trained)
+    steps = [h for h in history if "loss" in h]
+    assert len(steps) == 6 and steps[-1]["reward"] > steps[0]["reward"]     # logged: the likelihood rises
+    assert all("val_acc" in h for h in history if h["step"] in (0, 3, 6))
+    assert all(torch.equal(p, before_w[n]) for n, p in model.named_parameters())

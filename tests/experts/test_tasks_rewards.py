@@ -39,6 +39,16 @@ def test_gsm8k_loader_normalises_the_reference(gsm8k):
         gsm8k_answer("no marker 42")
 
 
+def test_gsm8k_reference_is_the_solution_in_the_instructions_form(gsm8k):
+    """The likelihood objective's target: the worked lines, then the instruction's "The answer is N."."""
+    apples, pens, neg = gsm8k.examples
+    assert gsm8k.reference_text(apples) == "1200+34=1234\nThe answer is 1234."
+    assert gsm8k.reference_text(pens) == "3*5=15\nThe answer is 15."
+    assert gsm8k.reference_text(neg) == "The answer is -3."                 # no worked lines
+    assert "The answer is <number>." in gsm8k.instruction
+    assert all(gsm8k.correct(gsm8k.reference_text(e), e) for e in gsm8k)   # the grader accepts every reference
+
+
 @pytest.mark.parametrize("completion, ok", [
     ("1200 + 34 = 1234. The answer is 1234.", True),
     ("The answer is 1,234", True),                       # thousands comma
