@@ -9,23 +9,58 @@ routed label). Writes `routing.json` (every answer and its label probabilities),
 `routing.png` (the confusion matrices) to the output folder.
 
     python -m clients.routing --url http://127.0.0.1:8000 --data tests/data/routing/heldout.jsonl --out DIR
-    python -m clients.routing --serve [--experts FOLDER] ...     (starts the embedded server in-process)
+    python -m clients.routing --serve [--experts FOLDER] ...     (starts `t2 serve` on the embedded model)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import httpx
 
 from experts.dispatch import LABELS
+
+
+@contextlib.contextmanager
+def _served(experts: Path | None, start_timeout: float = 600.0) -> Iterator[str]:
+    """`t2 serve` (the embedded default model; `experts` instead of the shipped set) as a child process on a
+    free loopback port; yields its URL once /health answers, stops it (SIGTERM) afterwards."""
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--log-level", "warning"] + (["--experts", str(experts)] if experts else [])
+    proc = subprocess.Popen(cmd)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + start_timeout
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"t2 serve exited with {proc.returncode} before it answered")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"t2 serve did not answer /health within {start_timeout:.0f} s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def load_rows(path: Path) -> list[dict[str, Any]]:
@@ -149,13 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.url and not args.serve:
         results = asyncio.run(route_all(args.url, rows, strategies, args.concurrency))
     else:
-        from server.api.live import LiveServer
-        from server.config import ServerConfig
-        with socket.socket() as sk:                # a free loopback port
-            sk.bind(("127.0.0.1", 0))
-            port = sk.getsockname()[1]
-        with LiveServer(ServerConfig(experts=args.experts, port=port)) as live:
-            results = asyncio.run(route_all(live.url, rows, strategies, args.concurrency))
+        with _served(args.experts) as url:
+            results = asyncio.run(route_all(url, rows, strategies, args.concurrency))
     print(report(results, args.out, command).read_text())
     return 0
 

@@ -44,3 +44,13 @@ def test_the_command_writes_tables_and_refuses_bad_rows(live, tmp_path, capsys):
     bad.write_text(json.dumps({"prompt": "x", "label": "poetry", "source": "t"}) + "\n")
     with pytest.raises(ValueError, match="label outside"):
         load_rows(bad)
+
+
+@pytest.mark.slow
+def test_serve_starts_t2_serve_on_the_embedded_model(tmp_path, capsys):
+    """--serve: `t2 serve` as a child process (the default model and the shipped set), routed through it."""
+    data = tmp_path / "set.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:2]))
+    assert main(["--serve", "--data", str(data), "--strategy", "classifier", "--out", str(tmp_path / "o")]) == 0
+    out = json.loads((tmp_path / "o" / "routing.json").read_text())
+    assert [a["prompt"] for a in out["answers"]["classifier"]] == [r["prompt"] for r in ROWS[:2]]
