@@ -73,7 +73,8 @@ wait     # code-kl shipped as $OUT/code.safetensors (the file's stem is the expe
 #     ("4 + 7 = 11\nThe answer is 11.", the instruction's form), levels 1-3 (all four operations, one and two
 #     steps; 400 rows each, seed 1), no rollouts, so 96 steps fit in 13 min; selected on the same 32 seed-4
 #     rows as 2b (21.9 → 71.9 % at step 16, against 25.0 % for math-kl). Decided after math-kl's test result
-#     (+3.0, p = 0.35), with its settings fixed before its own test run.
+#     (+3.0, p = 0.35), with its settings fixed before its own test run. Its test at n = 200: 9.5 → 47.5 %,
+#     p = 1.9e-15 (eval-smollm2-n200/; math-kl's run kept in eval-smollm2-n200-v2/).
 $PY - <<'PYEOF'
 import random
 from experts.tasks.base import write_jsonl
@@ -87,6 +88,7 @@ $T2 train math-sft --task gsm8k --data "$DATA/math_sft_train.jsonl" --valid-data
     --val-size 32 --valid-size 32 --max-new-tokens 96 --device cpu --run-dir runs/math-sft --out runs/sft-out \
     --description "arithmetic word problems (GSM8K format): likelihood of worked solutions (training generator, levels 1-3), selected on the held-out generator (seed 4, no test row)" \
     >runs/math-sft.out 2>&1
+cp runs/sft-out/math-sft.safetensors "$OUT/math.safetensors"     # the stem is the expert's name: math
 # 3. the classification expert (runs-smollm2/classifier-labels): the dispatch prompt answered with each
 #    source's label, on every label including `other`: the routing templates (experts/tasks/generate/routing.py,
 #    train split seed 1, validation on the templates held out of it, seed 2) plus 100 rows of each generator
