@@ -31,6 +31,10 @@ SYSTEM_PROMPT = (
     "- other: anything that fits none of the categories above.\n"
     "Answer with the category only, in the form: Classification: \\boxed{category}"
 )
+# The user turn before the question. "Question to classify: " (not the reference's "Question: ") makes
+# SmolLM2's fixed prefix (chat template + system prompt + this) exactly 128 tokens, two whole 64-token KV
+# blocks, so every first pass reuses both from vLLM's prefix cache instead of one (tests/test_smollm2.py).
+QUESTION_PREFIX = "Question to classify: "
 ANSWER_PREFIX = "Classification: \\boxed{"
 LABEL_SUFFIX = "}"
 
@@ -47,7 +51,7 @@ class Strategy(str, enum.Enum):
 def classification_messages(question: str) -> list[dict[str, str]]:
     """Chat messages of the first pass for one question (the text of the request to classify)."""
     return [{"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": f"Question: {question.strip()}"}]
+            {"role": "user", "content": QUESTION_PREFIX + question.strip()}]
 
 
 def parse_label(text: str) -> str:

@@ -75,3 +75,21 @@ def test_the_shipped_expert_set_is_served_by_default(smol):
         t2 = r.model_extra["t2"]
         assert t2["strategy"] == "classifier" and t2["label"] == label
         assert t2["mix"] == ({label: 1.0} if label != "other" else {})      # other → the base weights
+
+
+def test_the_first_pass_fixed_prefix_fills_whole_kv_blocks():
+    """The classification prompt up to the question is a whole number of vLLM's CPU KV blocks, so the
+    prefix cache serves all of it to every first pass (a partial block is recomputed every time)."""
+    pytest.importorskip("vllm")
+    from transformers import AutoTokenizer
+
+    from experts.dispatch import ANSWER_PREFIX, classification_messages
+    from server.engines.vllm import CPU_BLOCK_SIZE
+
+    tok = AutoTokenizer.from_pretrained(ensure_default_model(default_cache_dir()))
+    prompts = [tok(tok.apply_chat_template(classification_messages(q), add_generation_prompt=True,
+                                           tokenize=False) + ANSWER_PREFIX)["input_ids"]
+               for q in ("What's 15% of 80?", "why is the sky blue", "Fix this SQL: SELEC * FROM t",
+                         "(a) or (b)?", "def f(x): return x", "  hello there\n")]
+    fixed = next(i for i in range(min(map(len, prompts))) if len({p[i] for p in prompts}) > 1)
+    assert fixed >= 2 * CPU_BLOCK_SIZE and fixed % CPU_BLOCK_SIZE == 0, fixed

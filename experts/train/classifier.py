@@ -2,7 +2,7 @@
 
 Contract: `classification_task(tasks)` turns labelled tasks (each with `.label` in code / math / reasoning /
 other and examples with a `.prompt`) into one Task whose examples ask the paper's classification prompt
-(experts.dispatch: system prompt + "Question: ...") with the answer started as the server's first pass
+(experts.dispatch: system prompt + `QUESTION_PREFIX` + the question) with the answer started as the server's first pass
 starts it (`ANSWER_PREFIX`, "Classification: \\boxed{"), so training shapes exactly the choice the server
 scores; the grader is right iff the completion closes that box with the label. Trained with the same REINFORCE recipe, the result is the `classifier` expert
 the `classifier` dispatch strategy patches in for the first pass. Examples are interleaved per label so that
@@ -29,9 +29,8 @@ def classification_task(tasks: Iterable[Task], seed: int = 0, name: str = "class
     for t in tasks:
         if t.label not in LABELS:
             raise ValueError(f"task {t.name!r} has label {t.label!r}; the dispatch labels are {LABELS}")
-        user = classification_messages("{q}")[1]["content"]          # "Question: {q}"
         per_label.setdefault(t.label, []).extend(
-            Example(user.replace("{q}", e.prompt.strip()), t.label) for e in t.examples)
+            Example(classification_messages(e.prompt)[1]["content"], t.label) for e in t.examples)
     rng = random.Random(seed)
     for exs in per_label.values():
         rng.shuffle(exs)

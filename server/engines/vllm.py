@@ -83,6 +83,8 @@ from server.errors import Conflict, EngineUnavailable, InvalidRequest, ModelNotF
 log = logging.getLogger("t2.engine.vllm")
 
 WORKER_EXTENSION = "server.engines.vllm_layers.T2Worker"
+# KV block size on CPU (vLLM's default there is 128): a divisor of the first pass's fixed prefix
+CPU_BLOCK_SIZE = 64
 # vLLM module (fused) that holds each adaptable HF projection
 FUSED = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj",
          "q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "o_proj": "o_proj"}
@@ -248,12 +250,13 @@ class VLLMEngine(Engine):
         # ---- mixed batches (issue 10, route A): factored layers through vLLM's LoRA machinery ----
         args.update(enable_lora=True, max_loras=self.max_loras, max_cpu_loras=4 * self.max_loras,
                     max_lora_rank=1, lora_dtype=torch.float32, lora_target_modules=self._modules())
-        # ---- CPU KV blocks of 64 tokens instead of vLLM's 128: the first pass's fixed prefix (system prompt and
-        #      chat template, ~125 tokens before the question) then hits the prefix cache for its first block;
-        #      measured at 8 clients: `auto` 110 → 122 tok/s, one adaptation unchanged (206 → 211); 32 slowed the
-        #      one-adaptation case (192). A default: --vllm-engine-args '{"block_size": N}' overrides it ----
+        # ---- CPU KV blocks of CPU_BLOCK_SIZE tokens instead of vLLM's 128: the first pass's fixed prefix
+        #      (chat template, system prompt and QUESTION_PREFIX: 128 tokens on SmolLM2) then hits the prefix
+        #      cache for two whole blocks; measured at 8 clients with the old 126-token prefix (one block hit):
+        #      `auto` 110 → 122 tok/s, one adaptation unchanged (206 → 211); 32 slowed the one-adaptation case
+        #      (192). A default: --vllm-engine-args '{"block_size": N}' overrides it ----
         if cpu and "block_size" not in self._extra_args:
-            args["block_size"] = 64
+            args["block_size"] = CPU_BLOCK_SIZE
         # ---- the pass-through (checked in __init__; never overrides what is set above) ----
         clash = sorted(set(self._extra_args) & set(args))
         if clash:

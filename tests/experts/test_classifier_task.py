@@ -2,7 +2,7 @@
 
 from transformers import AutoTokenizer
 
-from experts.dispatch import ANSWER_PREFIX, classification_messages
+from experts.dispatch import ANSWER_PREFIX, QUESTION_PREFIX, classification_messages
 from experts.tasks.base import Example, Task
 from experts.train.classifier import classification_task
 from experts.train.rollout import Rollouts
@@ -19,7 +19,7 @@ def test_prompts_end_with_the_servers_prefix_and_grading_reads_the_closed_box(ti
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     ex = next(e for e in t.examples if e.answer == "math")
     prompt = Rollouts(None, tok).prompts([ex], t)[0]
-    question = ex.prompt.removeprefix("Question: ")
+    question = ex.prompt.removeprefix(QUESTION_PREFIX)
     server = tok.apply_chat_template(classification_messages(question), add_generation_prompt=True,
                                      tokenize=False) + ANSWER_PREFIX       # what serving.py scores labels after
     assert prompt == server
