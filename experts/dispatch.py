@@ -3,7 +3,8 @@
 Contract:
 - `Strategy`: explicit (the request names experts), prompt (the base model classifies the prompt),
   classifier (the same prompt with the classification expert patched in), none (base weights).
-- `classification_messages(question)` builds the paper's classification prompt, and `ANSWER_PREFIX` is the
+- `classification_messages(question)` builds the paper's classification prompt (the user turn starts with
+  `QUESTION_PREFIX`, not the reference's "Question: "), and `ANSWER_PREFIX` is the
   start of the answer the label completes; an engine scores each candidate `label + "}"` after that prefix
   (constrained, one prefill) instead of sampling free text.
 - `parse_label(text)` reads the first `\\boxed{...}` of a free-text answer (for training and evaluation);
