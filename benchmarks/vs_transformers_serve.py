@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ import httpx
 from openai import AsyncOpenAI
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from clients.t2client import stop_process, wait_ready  # noqa: E402
 PROMPTS = [
     "Write a short poem about the sea.", "Explain how a bicycle works.", "What is 15% of 80? Show the steps.",
     "Give me three tips for learning a new language.", "Write a Python function that reverses a string.",
@@ -40,30 +41,6 @@ PROMPTS = [
     "What is the difference between a list and a tuple in Python?", "Tell me a fun fact about octopuses.",
     "How does compound interest work?", "Write a haiku about autumn.",
 ]
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(url)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 async def drive(url: str, models: list[str], n: int, clients: int, max_tokens: int) -> tuple[float, int]:
@@ -95,7 +72,7 @@ def run_transformers(model_dir: Path, port: int, args, log: Path) -> float:
         print(f"transformers serve --continuous-batching: {tps:.1f} tok/s ({tok} tokens)", flush=True)
         return tps
     finally:
-        stop(proc)
+        stop_process(proc)
 
 
 def run_t2(port: int, args, log: Path, mixed: bool) -> float:
@@ -113,7 +90,7 @@ def run_t2(port: int, args, log: Path, mixed: bool) -> float:
         print(f"t2 serve (embedded), {what}: {tps:.1f} tok/s ({tok} tokens)", flush=True)
         return tps
     finally:
-        stop(proc)
+        stop_process(proc)
 
 
 def load_args(doc: str) -> argparse.ArgumentParser:

@@ -22,12 +22,12 @@ import math
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
 
+from clients.t2client import stop_process, wait_ready
 from experts.dispatch import LABELS
 
 
@@ -41,26 +41,15 @@ def _served(experts: Path | None, start_timeout: float = 600.0) -> Iterator[str]
     cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "warning"] + (["--experts", str(experts)] if experts else [])
     proc = subprocess.Popen(cmd)
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + start_timeout
+    url = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"t2 serve exited with {proc.returncode} before it answered")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"t2 serve did not answer /health within {start_timeout:.0f} s")
-            time.sleep(0.5)
+        try:
+            wait_ready(url, proc, start_timeout)
+        except (RuntimeError, TimeoutError) as e:       # a one-line message for the command line
+            raise SystemExit(f"t2 serve: {e}") from None
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 def load_rows(path: Path) -> list[dict[str, Any]]:

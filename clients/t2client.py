@@ -10,13 +10,18 @@ Contract:
   times) from a response or a stream chunk as a `T2Report`, or None where there is none.
 - `chat()` / `complete()` return the OpenAI objects; `stream_chat()` yields text pieces and keeps the final
   report and usage on the returned `StreamResult`.
+- `wait_ready(url, proc)` blocks until a server process answers GET /health with 200 (raises if it exits or
+  takes longer than `timeout_s`); `stop_process(proc)` stops it (SIGTERM, SIGKILL after 60 s).
 """
 
 from __future__ import annotations
 
+import subprocess
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Optional
 
+import httpx
 from openai import OpenAI
 
 STRATEGIES = ("explicit", "prompt", "classifier", "none")
@@ -152,3 +157,30 @@ class T2Client:
                     result.text += choice.delta.content
                     result.pieces.append(choice.delta.content)
                     yield choice.delta.content
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 600.0) -> None:
+    """Return once the server `proc` started answers `url`/health with 200."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} before it answered")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer /health within {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM (the server drains and exits), SIGKILL after 60 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
