@@ -171,7 +171,8 @@ class VLLMEngine(Engine):
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     async def start(self) -> None:
-        """1. factors, tokenizer, experts (thread); 2. AsyncLLM (thread); 3. t2_init on every worker + check."""
+        """1. factors, tokenizer, experts (thread); 2. AsyncLLM (thread); 3. t2_init on every worker + check;
+        4. warm-up (`_warm_up`)."""
         t0 = time.perf_counter()
         await asyncio.to_thread(self._prepare)
         self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._engine_args())
@@ -188,13 +189,40 @@ class VLLMEngine(Engine):
                                f"(vllm {vllm.__version__}; server/engines/vllm_layers.py)")
         self.worker_info = dict(infos[0], matrices=sum(i["matrices"] for i in infos if i["tp_rank"] == 0),
                                 onednn=sum(i.get("onednn", 0) for i in infos if i["tp_rank"] == 0))
+        warm_ms = await self._warm_up()
         self._poller = asyncio.get_running_loop().create_task(self._poll_step_stats())
-        log.info("vllm engine ready in %.1f s: %s (%s), %d factored layers (%d matrices) on %d worker(s), "
-                 "oneDNN-packed: %d, dense branch for base-only steps: %s, max_loras %d, experts: %s",
-                 time.perf_counter() - t0, self.model_name, str(self.dtype).split(".")[-1], want,
+        log.info("vllm engine ready in %.1f s (warm-up %.0f ms): %s (%s), %d factored layers (%d matrices) on %d "
+                 "worker(s), oneDNN-packed: %d, dense branch for base-only steps: %s, max_loras %d, experts: %s",
+                 time.perf_counter() - t0, warm_ms, self.model_name, str(self.dtype).split(".")[-1], want,
                  self.worker_info["matrices"], len(infos), self.worker_info.get("onednn", 0),
                  self.worker_info["dense_ok"], self.max_loras,
                  ", ".join(f"{e.name}[{e.label}]" for e in self.experts.values()) or "none")
+
+    async def _warm_up(self) -> float:
+        """Pays vLLM's first-use costs before the server says it is ready; returns the milliseconds it took.
+
+        vLLM's sampler computes the rank of the sampled token with a torch.compile'd kernel
+        (`batched_count_greater_than`) on any request that asks for log-probabilities, and every first pass
+        does (`logprob_token_ids`). It compiles on the first such request, with the whole engine stalled
+        behind it: 1.6–4 s on this CPU, under the first wave of `auto` traffic. So here: first passes alone,
+        then three at once (a batch dimension other than 1), and one request with top-k logprobs."""
+        assert self.llm is not None
+        t0 = time.perf_counter()
+        ids = self.tokenizer("Warm-up: is this a question about math or code?")["input_ids"]
+        allowed = sorted(set(ids[:4]))
+
+        async def one(i: int, params: VSamplingParams) -> None:
+            async for _ in self.llm.generate(TokensPrompt(prompt_token_ids=ids[: 4 + i], cache_salt="t2-warm-up"),
+                                             params, f"t2-warm-up-{uuid.uuid4().hex}"):
+                pass
+        first_pass = VSamplingParams(max_tokens=1, temperature=0.0, allowed_token_ids=allowed,
+                                     logprob_token_ids=allowed, output_kind=RequestOutputKind.FINAL_ONLY,
+                                     detokenize=False)
+        await one(0, first_pass)
+        await asyncio.gather(*(one(i, first_pass) for i in range(3)))
+        await one(0, VSamplingParams(max_tokens=2, temperature=0.0, logprobs=2,
+                                     output_kind=RequestOutputKind.FINAL_ONLY))
+        return (time.perf_counter() - t0) * 1e3
 
     def _prepare(self) -> None:
         # 1. the factor cache (decomposed here once, on a GPU if there is one; workers read their slices)
