@@ -215,9 +215,7 @@ class VLLMEngine(Engine):
             async for _ in self.llm.generate(TokensPrompt(prompt_token_ids=ids[: 4 + i], cache_salt="t2-warm-up"),
                                              params, f"t2-warm-up-{uuid.uuid4().hex}"):
                 pass
-        first_pass = VSamplingParams(max_tokens=1, temperature=0.0, allowed_token_ids=allowed,
-                                     logprob_token_ids=allowed, output_kind=RequestOutputKind.FINAL_ONLY,
-                                     detokenize=False)
+        first_pass = _first_pass_params(allowed)
         await one(0, first_pass)
         await asyncio.gather(*(one(i, first_pass) for i in range(3)))
         await one(0, VSamplingParams(max_tokens=2, temperature=0.0, logprobs=2,
@@ -465,14 +463,18 @@ class VLLMEngine(Engine):
         return scores
 
     async def _next_logprobs(self, prompt_ids: list[int], allowed: list[int], request: ScoreRequest) -> dict[int, float]:
-        params = VSamplingParams(max_tokens=1, temperature=0.0, allowed_token_ids=allowed,
-                                 logprob_token_ids=allowed, output_kind=RequestOutputKind.FINAL_ONLY,
-                                 detokenize=False)
+        params = _first_pass_params(allowed)
         last = None
         async for out in self._run(prompt_ids, params, request.adaptation, request.stats):
             last = out
         step = last.outputs[0].logprobs[0]                   # {token id: Logprob} for this one position
         return {t: (step[t].logprob if t in step else -math.inf) for t in allowed}
+
+
+def _first_pass_params(allowed: list[int]) -> VSamplingParams:
+    """One step of the first pass: a 1-token choice among `allowed`, with the raw log-probabilities of each."""
+    return VSamplingParams(max_tokens=1, temperature=0.0, allowed_token_ids=allowed, logprob_token_ids=allowed,
+                           output_kind=RequestOutputKind.FINAL_ONLY, detokenize=False)
 
 
 def _structured_outputs(c: Constraint | None) -> StructuredOutputsParams | None:
