@@ -74,7 +74,7 @@ def label_walk(prompt_ids: list[int], candidates: list[list[int]]) -> Walk:
     lp = yield list(prompt_ids), uniq
     best = max(range(len(candidates)), key=lambda k: (lp.get(first[k], -math.inf), -k))
     tokens = len(prompt_ids)
-    # 2. candidates sharing the best first token: one more step per shared token (rare)
+    # 2. candidates sharing the best first token: one more step per token where they part (rare)
     tied = [k for k, t in enumerate(first) if t == first[best]]
     depth, prefix = 1, list(prompt_ids)
     while len(tied) > 1:
@@ -82,7 +82,11 @@ def label_walk(prompt_ids: list[int], candidates: list[list[int]]) -> Walk:
         live = [k for k in tied if len(candidates[k]) > depth]
         if not live:
             break
-        nxt = yield list(prefix), sorted({candidates[k][depth] for k in live})
+        options = sorted({candidates[k][depth] for k in live})
+        if len(options) == 1:     # one allowed token: the answer is known, no forward
+            best, tied, depth = live[0], live, depth + 1
+            continue
+        nxt = yield list(prefix), options
         tokens += len(prefix)
         best = max(live, key=lambda k: (nxt.get(candidates[k][depth], -math.inf), -k))
         tied = [k for k in live if candidates[k][depth] == candidates[best][depth]]

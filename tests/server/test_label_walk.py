@@ -29,22 +29,24 @@ def test_distinct_first_tokens_take_one_prefill():
     assert abs(sum(s.probs) - 1) < 1e-9 and max(s.probs) == s.probs[1]
 
 
-def test_shared_first_token_walks_one_step_per_shared_token():
-    # candidates 0 and 1 share tokens 10, 20; they part at depth 2 (30 vs 31); candidate 2 starts with 11
-    rows = {(1,): {10: -0.1, 11: -3.0}, (1, 10): {20: -0.2}, (1, 10, 20): {30: -2.0, 31: -0.3}}
+def test_shared_first_token_walks_only_where_candidates_part():
+    # candidates 0 and 1 share tokens 10, 20; they part at depth 2 (30 vs 31); candidate 2 starts with 11.
+    # The step after (1, 10) allows only 20: its answer is known, so the model is not asked for it.
+    rows = {(1,): {10: -0.1, 11: -3.0}, (1, 10, 20): {30: -2.0, 31: -0.3}}
     fn, asked = _table(rows)
     s = walk_sync(label_walk([1], [[10, 20, 30], [10, 20, 31], [11]]), fn)
     assert s.best == 1
-    assert [a[0] for a in asked] == [(1,), (1, 10), (1, 10, 20)]
-    assert s.forward_tokens == 1 + 2 + 3
+    assert asked == [((1,), (10, 11)), ((1, 10, 20), (30, 31))]
+    assert s.forward_tokens == 1 + 3
     assert s.probs[0] == s.probs[1]           # the same first token: the same probability
 
 
 def test_a_prefix_candidate_ends_the_walk():
-    # candidate 0 = [10] is a prefix of candidate 1 = [10, 20]: nothing left to compare beyond depth 1
-    fn, asked = _table({(1,): {10: -0.1, 11: -2.0}, (1, 10): {20: -0.1}})
+    # candidate 0 = [10] is a prefix of candidate 1 = [10, 20]: nothing left to compare beyond depth 1,
+    # and the one token left to candidate 1 needs no forward
+    fn, asked = _table({(1,): {10: -0.1, 11: -2.0}})
     s = walk_sync(label_walk([1], [[10], [10, 20], [11]]), fn)
-    assert s.best == 1 and len(asked) == 2
+    assert s.best == 1 and len(asked) == 1 and s.forward_tokens == 1
 
 
 def test_ties_go_to_the_lowest_index_and_async_agrees():
