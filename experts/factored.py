@@ -15,8 +15,9 @@ Contract:
 - `GainTable` is the gain table of a set of matrices, one row per slot and all matrices side by side:
   `table [slots, Σr]` fp32, matrix i owning columns `offsets[i] : offsets[i] + ranks[i]`. Slot 0 is the base
   (all ones) and is never written. `write(slot, {name: g})` fills one slot (matrices not named get ones).
-  `rows(idx, dtype)` gathers the rows of a step once ([B, Σr] in the compute dtype); each matrix then reads
-  its column slice (`slice_of`) — one index_select per step, not one per matrix.
+  `rows(idx, dtype)` gathers the rows of a step ([B, Σr] in the compute dtype); `rows(idx, dtype, span)`
+  only the columns `span = (offset, width)` ([B, width]: one matrix's `slice_of`, or adjacent ones). A long prefill gathers per matrix, just before its multiply: the
+  whole [T, Σr] of 752 tokens is 156 MB for SmolLM2 (36 ms to gather, and out of cache when read).
 - `factored_matmul(x, Us, Vh, g)` is the formula for x [B, ..., n] and per-row gains g [B, r].
 No server code here: the engine decides slots, dense vs factored, and which rows go where.
 """
@@ -93,9 +94,10 @@ class GainTable:
             o, r = self._col[name]
             row[o:o + r].copy_(gn.to(row))
 
-    def rows(self, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The gain rows of a step: idx [B] slots → [B, Σr] in `dtype` (one gather for all matrices)."""
-        return self.table.index_select(0, idx).to(dtype)
+    def rows(self, idx: torch.Tensor, dtype: torch.dtype, span: tuple[int, int] | None = None) -> torch.Tensor:
+        """The gain rows of a step: idx [B] slots → [B, Σr] in `dtype`, or [B, width] of columns `span`."""
+        table = self.table if span is None else self.table[:, span[0]:span[0] + span[1]]
+        return table.index_select(0, idx).to(dtype)
 
 
 def gains_of(s_of: Mapping[str, torch.Tensor], z: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
