@@ -16,8 +16,9 @@ Contract:
   `table [slots, Σr]` fp32, matrix i owning columns `offsets[i] : offsets[i] + ranks[i]`. Slot 0 is the base
   (all ones) and is never written. `write(slot, {name: g})` fills one slot (matrices not named get ones).
   `rows(idx, dtype)` gathers the rows of a step ([B, Σr] in the compute dtype); `rows(idx, dtype, span)`
-  only the columns `span = (offset, width)` ([B, width]: one matrix's `slice_of`, or adjacent ones). A long prefill gathers per matrix, just before its multiply: the
-  whole [T, Σr] of 752 tokens is 156 MB for SmolLM2 (36 ms to gather, and out of cache when read).
+  only the columns `span = (offset, width)` ([B, width]: one matrix's `slice_of`, or adjacent ones). A
+  long prefill gathers per matrix, just before its multiply: the whole [T, Σr] of 752 tokens is 156 MB for
+  SmolLM2 (36 ms to gather, and out of cache when read).
 - `factored_matmul(x, Us, Vh, g)` is the formula for x [B, ..., n] and per-row gains g [B, r].
 No server code here: the engine decides slots, dense vs factored, and which rows go where.
 """

@@ -79,6 +79,10 @@ def test_gain_table_gathers_each_rows_slot_and_keeps_slot_zero_base():
     table.write(2, {"a": torch.tensor([2.0, 3.0, 4.0])})                  # b not named: ones
     rows = table.rows(torch.tensor([2, 0, 2]), torch.float32)            # [3, 5]
     assert rows.tolist() == [[2, 3, 4, 1, 1], [1, 1, 1, 1, 1], [2, 3, 4, 1, 1]]
+    table.write(1, {"b": torch.tensor([5.0, 6.0])})
+    idx = torch.tensor([1, 2, 0])
+    assert table.rows(idx, torch.float32, table.slice_of("b")).tolist() == [[5, 6], [1, 1], [1, 1]]   # one matrix
+    assert table.rows(idx, torch.float32, (2, 3)).tolist() == [[1, 5, 6], [4, 1, 1], [1, 1, 1]]   # a column span
     with pytest.raises(AssertionError):
         table.write(0, {})
     s = {"a": torch.ones(3), "b": torch.ones(2)}
